@@ -1,0 +1,323 @@
+//! The conversation-log service: append and read, accepted by any node and carried
+//! to the leader of the shard group that owns the conversation's slot.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::ReadPolicy;
+use parley_proto::node::v1::conversation_log_client::ConversationLogClient;
+use parley_proto::node::v1::conversation_log_server::ConversationLog;
+use parley_proto::node::v1::{AppendReply, AppendRequest, LogEntry, ReadReply, ReadRequest};
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{backoff, Cluster};
+use crate::error::ApiError;
+use crate::placement::{slot_of, GroupId, NodeId};
+use crate::state_machine::GroupStateMachine;
+use crate::types::{AppendCommand, Command, CommandResponse};
+
+/// Longest accepted conversation id, sender and idempotency key, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// Most entries one read returns.
+pub const MAX_READ_LIMIT: u32 = 1_000;
+/// Forwarding hops before a request gives up on this path and lets the caller retry.
+const MAX_HOPS: u32 = 2;
+
+pub struct ConversationService {
+    pub cluster: Arc<Cluster>,
+}
+
+fn check_id(field: &str, value: &str, allow_empty: bool) -> Result<(), ApiError> {
+    if value.is_empty() && !allow_empty {
+        return Err(ApiError::InvalidArgument(format!("{field} is empty")));
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(ApiError::InvalidArgument(format!("{field} is longer than {MAX_ID_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+/// Checks an append before anything is proposed.
+pub fn validate_append(req: &AppendRequest, max_payload: usize) -> Result<(), ApiError> {
+    check_id("conversation_id", &req.conversation_id, false)?;
+    check_id("sender", &req.sender, false)?;
+    check_id("client_msg_id", &req.client_msg_id, false)?;
+    if req.payload.len() > max_payload {
+        return Err(ApiError::PayloadTooLarge { size: req.payload.len(), limit: max_payload });
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// What one attempt produced: a reply, or an error and whether to retry.
+enum Attempt<T> {
+    Done(T),
+    Retry(ApiError),
+}
+
+impl ConversationService {
+    fn group_for(&self, conversation: &str) -> Result<(GroupId, u32), ApiError> {
+        let placement = self.cluster.placement();
+        if placement.epoch == 0 {
+            return Err(ApiError::NotBootstrapped);
+        }
+        let slot = slot_of(conversation);
+        let (group, _) = placement.group_for_slot(slot).ok_or(ApiError::Moved { epoch: placement.epoch })?;
+        Ok((group, slot))
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the deadline passes.
+    async fn with_retries<T, F, Fut>(&self, mut attempt: F) -> Result<T, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, ApiError>>,
+    {
+        let deadline = Instant::now() + self.cluster.request_timeout();
+        let mut n = 0;
+        loop {
+            match attempt().await? {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Retry(e) => {
+                    if Instant::now() + backoff(n) >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(backoff(n)).await;
+                    n += 1;
+                }
+            }
+        }
+    }
+
+    fn classify<T>(e: ApiError) -> Result<Attempt<T>, ApiError> {
+        if e.is_retryable() {
+            Ok(Attempt::Retry(e))
+        } else {
+            Err(e)
+        }
+    }
+
+    async fn append_once(&self, req: &AppendRequest) -> Result<Attempt<AppendReply>, ApiError> {
+        let (group, slot) = match self.group_for(&req.conversation_id) {
+            Ok(v) => v,
+            Err(e) => return Self::classify(e),
+        };
+        if let Some(raft) = self.cluster.local_leader(group) {
+            let cmd = Command::Append(AppendCommand {
+                conversation: req.conversation_id.clone(),
+                sender: req.sender.clone(),
+                client_msg_id: req.client_msg_id.clone(),
+                slot,
+                proposed_at_ms: now_ms(),
+                payload: req.payload.clone(),
+            });
+            return match self.cluster.propose_local(group, &raft, cmd).await {
+                Ok(CommandResponse::Appended { seq, server_time_ms, duplicate }) => {
+                    let result = if duplicate { "duplicate" } else { "ok" };
+                    self.cluster.metrics.appends_total.with_label_values(&[result]).inc();
+                    Ok(Attempt::Done(AppendReply { seq, server_time_ms, duplicate, group_id: group }))
+                }
+                Ok(CommandResponse::Moved { epoch }) => Ok(Attempt::Retry(ApiError::Moved { epoch })),
+                Ok(other) => Err(ApiError::Internal(format!("unexpected append response {other:?}"))),
+                Err(e) => Self::classify(e),
+            };
+        }
+        let Some(target) = self.forward_target(group, req.hops) else {
+            return Ok(Attempt::Retry(ApiError::NotLeader { group, leader: None }));
+        };
+        let mut fwd = req.clone();
+        fwd.hops += 1;
+        self.cluster.metrics.forwarded_total.with_label_values(&["append"]).inc();
+        let channel = match self.cluster.channel_to(target) {
+            Ok(c) => c,
+            Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
+        };
+        let mut client = ConversationLogClient::new(channel);
+        let mut request = Request::new(fwd);
+        request.set_timeout(self.cluster.request_timeout());
+        match client.append(request).await {
+            Ok(reply) => {
+                self.cluster.note_leader(group, Some(target));
+                Ok(Attempt::Done(reply.into_inner()))
+            }
+            Err(status) => Self::forward_status(&self.cluster, group, target, status),
+        }
+    }
+
+    /// Where to send a request for `group` this node cannot serve, or `None` when out of hops.
+    fn forward_target(&self, group: GroupId, hops: u32) -> Option<NodeId> {
+        if hops >= MAX_HOPS {
+            return None;
+        }
+        self.cluster.leader_of(group).filter(|l| *l != self.cluster.node_id()).or_else(|| {
+            // No leader known: ask another voter, which may know.
+            let p = self.cluster.placement();
+            p.groups.get(&group)?.voters.iter().copied().find(|v| *v != self.cluster.node_id())
+        })
+    }
+
+    fn forward_failed<T>(cluster: &Cluster, group: GroupId, target: NodeId, e: ApiError) -> Result<Attempt<T>, ApiError> {
+        // Rotate to another voter next time.
+        let voters = cluster.placement().groups.get(&group).map(|g| g.voters.clone()).unwrap_or_default();
+        let next = voters.iter().position(|v| *v == target).map(|i| voters[(i + 1) % voters.len()]);
+        cluster.note_leader(group, next);
+        Ok(Attempt::Retry(e))
+    }
+
+    fn forward_status<T>(cluster: &Cluster, group: GroupId, target: NodeId, status: Status) -> Result<Attempt<T>, ApiError> {
+        let e = ApiError::from_status(&status);
+        if !e.is_retryable() {
+            // Pass the peer's typed error through unchanged.
+            return Err(ApiError::forwarded(&status));
+        }
+        match &e {
+            ApiError::NotLeader { leader: Some(l), .. } if *l != target => cluster.note_leader(group, Some(*l)),
+            _ => return Self::forward_failed(cluster, group, target, e),
+        }
+        Ok(Attempt::Retry(e))
+    }
+
+    async fn read_once(&self, req: &ReadRequest) -> Result<Attempt<ReadReply>, ApiError> {
+        let (group, _) = match self.group_for(&req.conversation_id) {
+            Ok(v) => v,
+            Err(e) => return Self::classify(e),
+        };
+        if let Some(raft) = self.cluster.local_leader(group) {
+            // Linearizable: confirm leadership with a quorum, then wait until applied.
+            if let Err(e) = raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                return Ok(Attempt::Retry(ApiError::NotLeader {
+                    group,
+                    leader: e.forward_to_leader().and_then(|f| f.leader_id),
+                }));
+            }
+            let engine = self.cluster.replicas.engine().clone();
+            let (conv, from, limit) = (req.conversation_id.clone(), req.from_seq, req.limit.min(MAX_READ_LIMIT) as usize);
+            let (entries, last_seq) = tokio::task::spawn_blocking(move || {
+                GroupStateMachine::read_conversation(&engine, group, &conv, from, limit)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let entries = entries
+                .into_iter()
+                .map(|(seq, m)| LogEntry {
+                    seq,
+                    sender: m.sender,
+                    client_msg_id: m.client_msg_id,
+                    server_time_ms: m.server_time_ms,
+                    payload: m.payload,
+                })
+                .collect();
+            return Ok(Attempt::Done(ReadReply { entries, last_seq }));
+        }
+        let Some(target) = self.forward_target(group, req.hops) else {
+            return Ok(Attempt::Retry(ApiError::NotLeader { group, leader: None }));
+        };
+        let mut fwd = req.clone();
+        fwd.hops += 1;
+        self.cluster.metrics.forwarded_total.with_label_values(&["read"]).inc();
+        let channel = match self.cluster.channel_to(target) {
+            Ok(c) => c,
+            Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
+        };
+        let mut request = Request::new(fwd);
+        request.set_timeout(self.cluster.request_timeout());
+        match ConversationLogClient::new(channel).read(request).await {
+            Ok(reply) => Ok(Attempt::Done(reply.into_inner())),
+            Err(status) => Self::forward_status(&self.cluster, group, target, status),
+        }
+    }
+
+    fn record_error(&self, service: &str, e: &ApiError) {
+        self.cluster.metrics.grpc_errors_total.with_label_values(&[service, e.code()]).inc();
+        if service == "append" {
+            self.cluster.metrics.appends_total.with_label_values(&[e.code()]).inc();
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ConversationLog for ConversationService {
+    async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendReply>, Status> {
+        let req = request.into_inner();
+        let res = async {
+            validate_append(&req, self.cluster.config.max_payload_bytes)?;
+            if self.cluster.replicas.engine().is_disk_full() {
+                return Err(ApiError::DiskFull { node: self.cluster.node_id() });
+            }
+            if req.hops > 0 {
+                // A forwarded request is tried once here; the first node owns the retry loop.
+                return match self.append_once(&req).await? {
+                    Attempt::Done(r) => Ok(r),
+                    Attempt::Retry(e) => Err(e),
+                };
+            }
+            self.with_retries(|| self.append_once(&req)).await
+        }
+        .await;
+        res.map(Response::new).map_err(|e| {
+            self.record_error("append", &e);
+            e.into()
+        })
+    }
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        let req = request.into_inner();
+        let res = async {
+            check_id("conversation_id", &req.conversation_id, false)?;
+            if req.limit == 0 {
+                return Err(ApiError::InvalidArgument("limit must be at least 1".into()));
+            }
+            if req.hops > 0 {
+                return match self.read_once(&req).await? {
+                    Attempt::Done(r) => Ok(r),
+                    Attempt::Retry(e) => Err(e),
+                };
+            }
+            self.with_retries(|| self.read_once(&req)).await
+        }
+        .await;
+        res.map(Response::new).map_err(|e| {
+            self.record_error("read", &e);
+            e.into()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(conv: &str, payload: usize) -> AppendRequest {
+        AppendRequest {
+            conversation_id: conv.into(),
+            sender: "alice".into(),
+            client_msg_id: "m1".into(),
+            payload: vec![0; payload],
+            hops: 0,
+        }
+    }
+
+    #[test]
+    fn appends_are_validated_with_typed_errors() {
+        assert_eq!(validate_append(&req("c", 10), 10), Ok(()));
+        assert_eq!(validate_append(&req("c", 11), 10), Err(ApiError::PayloadTooLarge { size: 11, limit: 10 }));
+        assert!(matches!(validate_append(&req("", 1), 10), Err(ApiError::InvalidArgument(_))));
+        assert!(matches!(validate_append(&req(&"x".repeat(MAX_ID_BYTES + 1), 1), 10), Err(ApiError::InvalidArgument(_))));
+        let mut no_key = req("c", 1);
+        no_key.client_msg_id.clear();
+        assert!(matches!(validate_append(&no_key, 10), Err(ApiError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn error_codes_survive_the_wire() {
+        let status: Status = ApiError::Moved { epoch: 9 }.into();
+        assert_eq!(ApiError::from_status(&status), ApiError::Moved { epoch: 9 });
+        let status: Status = ApiError::NotLeader { group: 3, leader: Some(2) }.into();
+        assert_eq!(ApiError::from_status(&status), ApiError::NotLeader { group: 0, leader: Some(2) });
+        let status: Status = ApiError::PayloadTooLarge { size: 2, limit: 1 }.into();
+        assert!(!ApiError::from_status(&status).is_retryable());
+    }
+}

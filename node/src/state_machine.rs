@@ -1,0 +1,520 @@
+//! The replicated state machine of a group, stored in the `state` column family.
+//!
+//! Shard groups hold conversation logs; the metadata group (id 0) holds the
+//! [`PlacementMap`]. Keys, after the group's 8-byte prefix:
+//! - `0x01` applied log id and membership;
+//! - `0x02` owned slot range `(start, end, epoch)`;
+//! - `0x03` the placement map (metadata group);
+//! - `0x04 ++ conversation` -> head `(last seq, last server time)`;
+//! - `0x05 ++ len16 ++ conversation ++ seq(8 BE)` -> [`StoredMessage`];
+//! - `0x06 ++ len16 ++ conversation ++ len16 ++ sender ++ client_msg_id` -> seq (dedupe).
+//!
+//! Each `apply` call writes one batch that includes the applied log id, so the state
+//! on disk is always exactly "everything up to the applied index".
+//!
+//! Snapshots are files: every key of the group, read from a RocksDB snapshot (a
+//! consistent point-in-time view) and written as length-prefixed records.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use rocksdb::{ReadOptions, WriteBatch};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::placement::{GroupId, PlacementMap, Slot};
+use crate::storage::{group_end, group_prefix, meta_key, Engine, CF_META, CF_STATE};
+use crate::types::{
+    decode, encode, AppendCommand, Command, CommandResponse, LogId, Snapshot, SnapshotData, SnapshotMeta,
+    StoredMembership, TypeConfig,
+};
+
+const KEY_APPLIED: u8 = 0x01;
+const KEY_SLOTS: u8 = 0x02;
+const KEY_PLACEMENT: u8 = 0x03;
+const KEY_HEAD: u8 = 0x04;
+const KEY_MESSAGE: u8 = 0x05;
+const KEY_DEDUPE: u8 = 0x06;
+const TAG_SNAPSHOT: u8 = b's';
+const SNAPSHOT_MAGIC: &[u8; 8] = b"PRLYSNP1";
+
+/// One stored conversation-log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub sender: String,
+    pub client_msg_id: String,
+    pub server_time_ms: i64,
+    pub payload: Vec<u8>,
+}
+
+/// Slot range owned by a shard group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRange {
+    pub start: Slot,
+    pub end: Slot,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotDescriptor {
+    meta: SnapshotMeta,
+    file: String,
+}
+
+fn state_key(group: GroupId, kind: u8, rest: &[&[u8]]) -> Vec<u8> {
+    let len = 9 + rest.iter().map(|r| r.len() + 2).sum::<usize>();
+    let mut k = Vec::with_capacity(len);
+    k.extend_from_slice(&group_prefix(group));
+    k.push(kind);
+    for (i, part) in rest.iter().enumerate() {
+        // Every part but the last is length-prefixed so keys never collide.
+        if i + 1 < rest.len() {
+            k.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        }
+        k.extend_from_slice(part);
+    }
+    k
+}
+
+/// Key of conversation head.
+fn head_key(group: GroupId, conversation: &str) -> Vec<u8> {
+    state_key(group, KEY_HEAD, &[conversation.as_bytes()])
+}
+
+/// Key of message `seq` of a conversation.
+pub fn message_key(group: GroupId, conversation: &str, seq: u64) -> Vec<u8> {
+    state_key(group, KEY_MESSAGE, &[conversation.as_bytes(), &seq.to_be_bytes()])
+}
+
+fn dedupe_key(group: GroupId, conversation: &str, sender: &str, client_msg_id: &str) -> Vec<u8> {
+    state_key(group, KEY_DEDUPE, &[conversation.as_bytes(), sender.as_bytes(), client_msg_id.as_bytes()])
+}
+
+/// The state machine of one group.
+pub struct GroupStateMachine {
+    engine: Arc<Engine>,
+    group: GroupId,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    slots: Option<SlotRange>,
+    /// Metadata group only: the placement map and where to publish it.
+    placement: PlacementMap,
+    placement_tx: Option<watch::Sender<Arc<PlacementMap>>>,
+}
+
+impl GroupStateMachine {
+    /// Opens the state machine of `group` from disk. `placement_tx` is given for the metadata group.
+    pub fn open(
+        engine: Arc<Engine>,
+        group: GroupId,
+        placement_tx: Option<watch::Sender<Arc<PlacementMap>>>,
+    ) -> std::io::Result<Self> {
+        let mut sm = GroupStateMachine {
+            engine,
+            group,
+            applied: None,
+            membership: StoredMembership::default(),
+            slots: None,
+            placement: PlacementMap::default(),
+            placement_tx,
+        };
+        sm.load()?;
+        Ok(sm)
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> std::io::Result<Option<T>> {
+        let cf = self.engine.cf_io(CF_STATE)?;
+        match self.engine.db().get_pinned_cf(cf, key).map_err(crate::storage::engine_io_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reloads the in-memory view (applied state, slot range, placement) from disk.
+    fn load(&mut self) -> std::io::Result<()> {
+        let (applied, membership) = self
+            .get::<(Option<LogId>, StoredMembership)>(&state_key(self.group, KEY_APPLIED, &[]))?
+            .unwrap_or_default();
+        self.applied = applied;
+        self.membership = membership;
+        self.slots = self.get(&state_key(self.group, KEY_SLOTS, &[]))?;
+        self.placement = self.get(&state_key(self.group, KEY_PLACEMENT, &[]))?.unwrap_or_default();
+        if let Some(tx) = &self.placement_tx {
+            let map = Arc::new(self.placement.clone());
+            tx.send_if_modified(|cur| {
+                if map.epoch > cur.epoch {
+                    *cur = map;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn apply_append(
+        &self,
+        cmd: &AppendCommand,
+        batch: &mut WriteBatch,
+        heads: &mut HashMap<String, (u64, i64)>,
+        dedupe: &mut HashMap<Vec<u8>, (u64, i64)>,
+    ) -> std::io::Result<CommandResponse> {
+        let Some(range) = self.slots else {
+            return Ok(CommandResponse::Moved { epoch: 0 });
+        };
+        if !(range.start..=range.end).contains(&cmd.slot) {
+            return Ok(CommandResponse::Moved { epoch: range.epoch });
+        }
+        let cf = self.engine.cf_io(CF_STATE)?;
+        let dkey = dedupe_key(self.group, &cmd.conversation, &cmd.sender, &cmd.client_msg_id);
+        let prior = match dedupe.get(&dkey) {
+            Some(v) => Some(*v),
+            None => self.get::<(u64, i64)>(&dkey)?,
+        };
+        if let Some((seq, server_time_ms)) = prior {
+            return Ok(CommandResponse::Appended { seq, server_time_ms, duplicate: true });
+        }
+        let (last_seq, last_time) = match heads.get(&cmd.conversation) {
+            Some(h) => *h,
+            None => self.get::<(u64, i64)>(&head_key(self.group, &cmd.conversation))?.unwrap_or((0, 0)),
+        };
+        let seq = last_seq + 1;
+        let server_time_ms = cmd.proposed_at_ms.max(last_time);
+        let msg = StoredMessage {
+            sender: cmd.sender.clone(),
+            client_msg_id: cmd.client_msg_id.clone(),
+            server_time_ms,
+            payload: cmd.payload.clone(),
+        };
+        batch.put_cf(cf, message_key(self.group, &cmd.conversation, seq), encode(&msg)?);
+        batch.put_cf(cf, head_key(self.group, &cmd.conversation), encode(&(seq, server_time_ms))?);
+        batch.put_cf(cf, &dkey, encode(&(seq, server_time_ms))?);
+        heads.insert(cmd.conversation.clone(), (seq, server_time_ms));
+        dedupe.insert(dkey, (seq, server_time_ms));
+        Ok(CommandResponse::Appended { seq, server_time_ms, duplicate: false })
+    }
+
+    fn apply_command(
+        &mut self,
+        cmd: &Command,
+        batch: &mut WriteBatch,
+        heads: &mut HashMap<String, (u64, i64)>,
+        dedupe: &mut HashMap<Vec<u8>, (u64, i64)>,
+    ) -> std::io::Result<CommandResponse> {
+        let is_meta = self.placement_tx.is_some();
+        match cmd {
+            Command::Append(a) if !is_meta => self.apply_append(a, batch, heads, dedupe),
+            Command::AssignSlots { start, end, epoch } if !is_meta => {
+                let range = SlotRange { start: *start, end: *end, epoch: *epoch };
+                batch.put_cf(self.engine.cf_io(CF_STATE)?, state_key(self.group, KEY_SLOTS, &[]), encode(&range)?);
+                self.slots = Some(range);
+                Ok(CommandResponse::SlotsAssigned)
+            }
+            Command::Meta(m) if is_meta => {
+                let resp = self.placement.apply(m);
+                batch.put_cf(
+                    self.engine.cf_io(CF_STATE)?,
+                    state_key(self.group, KEY_PLACEMENT, &[]),
+                    encode(&self.placement)?,
+                );
+                Ok(CommandResponse::Meta(resp))
+            }
+            other => Ok(CommandResponse::Rejected(format!(
+                "group {} does not accept {}",
+                self.group,
+                match other {
+                    Command::Meta(_) => "metadata commands",
+                    _ => "conversation commands",
+                }
+            ))),
+        }
+    }
+
+    fn descriptor(&self) -> std::io::Result<Option<SnapshotDescriptor>> {
+        let cf = self.engine.cf_io(CF_META)?;
+        match self.engine.db().get_pinned_cf(cf, meta_key(self.group, TAG_SNAPSHOT)).map_err(crate::storage::engine_io_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads a conversation's entries `from_seq..` (at most `limit`) and its last seq.
+    pub fn read_conversation(
+        engine: &Engine,
+        group: GroupId,
+        conversation: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> std::io::Result<(Vec<(u64, StoredMessage)>, u64)> {
+        let cf = engine.cf_io(CF_STATE)?;
+        let db = engine.db();
+        let snap = db.snapshot();
+        let head: Option<(u64, i64)> = match snap.get_cf(cf, head_key(group, conversation)).map_err(crate::storage::engine_io_err)? {
+            Some(v) => Some(decode(&v)?),
+            None => None,
+        };
+        let last_seq = head.map(|h| h.0).unwrap_or(0);
+        let mut out = Vec::new();
+        let from = from_seq.max(1);
+        if from > last_seq || limit == 0 {
+            return Ok((out, last_seq));
+        }
+        let start = message_key(group, conversation, from);
+        let end = message_key(group, conversation, last_seq);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(message_key(group, conversation, last_seq.saturating_add(1)));
+        let mut it = snap.raw_iterator_cf_opt(cf, opts);
+        it.seek(&start);
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if key > end.as_slice() || out.len() >= limit {
+                break;
+            }
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&key[key.len() - 8..]);
+            out.push((u64::from_be_bytes(seq), decode(value)?));
+            it.next();
+        }
+        it.status().map_err(crate::storage::engine_io_err)?;
+        Ok((out, last_seq))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for GroupStateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
+        Ok((self.applied.clone(), self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> std::io::Result<()>
+    where
+        Strm: Stream<Item = std::io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let mut heads = HashMap::new();
+        let mut dedupe = HashMap::new();
+        let mut replies = Vec::new();
+        let mut placement_changed = false;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            self.applied = Some(entry.log_id());
+            let resp = match &entry.payload {
+                EntryPayload::Blank => CommandResponse::None,
+                EntryPayload::Normal(cmd) => {
+                    placement_changed |= matches!(cmd, Command::Meta(_));
+                    self.apply_command(cmd, &mut batch, &mut heads, &mut dedupe)?
+                }
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id()), m.clone());
+                    CommandResponse::None
+                }
+            };
+            if let Some(r) = responder {
+                replies.push((r, resp));
+            }
+        }
+        batch.put_cf(
+            self.engine.cf_io(CF_STATE)?,
+            state_key(self.group, KEY_APPLIED, &[]),
+            encode(&(self.applied.clone(), self.membership.clone()))?,
+        );
+        self.engine.db().write(batch).map_err(crate::storage::engine_io_err)?;
+        if placement_changed {
+            if let Some(tx) = &self.placement_tx {
+                let map = Arc::new(self.placement.clone());
+                tx.send_if_modified(|cur| {
+                    if map.epoch > cur.epoch {
+                        *cur = map;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+        }
+        for (r, resp) in replies {
+            r.send(resp);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { engine: self.engine.clone(), group: self.group }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> std::io::Result<()> {
+        let engine = self.engine.clone();
+        let group = self.group;
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || install_snapshot_file(&engine, group, &meta, snapshot))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.load()
+    }
+
+    async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
+        let Some(desc) = self.descriptor()? else { return Ok(None) };
+        let path = self.engine.snapshot_dir().join(&desc.file);
+        match std::fs::File::open(&path) {
+            Ok(file) => Ok(Some(Snapshot { meta: desc.meta, snapshot: file })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Builds a snapshot file of one group from a consistent RocksDB view.
+pub struct SnapshotBuilder {
+    engine: Arc<Engine>,
+    group: GroupId,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> std::io::Result<Snapshot> {
+        let engine = self.engine.clone();
+        let group = self.group;
+        tokio::task::spawn_blocking(move || build_snapshot_file(&engine, group))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+/// A fresh, unique file name for a snapshot of `group` up to `last`.
+fn snapshot_file_name(group: GroupId, last: Option<&LogId>) -> String {
+    let index = last.map(|l| l.index()).unwrap_or(0);
+    format!("g{group}-i{index}-{:016x}.snap", rand::random::<u64>())
+}
+
+fn write_record(w: &mut impl Write, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(key.len() as u32).to_be_bytes())?;
+    w.write_all(key)?;
+    w.write_all(&(value.len() as u32).to_be_bytes())?;
+    w.write_all(value)
+}
+
+/// Reads one record; `None` at a clean end of file.
+fn read_record(r: &mut impl Read) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let klen = u32::from_be_bytes(len) as usize;
+    if klen > 1 << 20 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot key too long"));
+    }
+    let mut key = vec![0u8; klen];
+    r.read_exact(&mut key)?;
+    r.read_exact(&mut len)?;
+    let vlen = u32::from_be_bytes(len) as usize;
+    if vlen > 64 << 20 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot value too long"));
+    }
+    let mut value = vec![0u8; vlen];
+    r.read_exact(&mut value)?;
+    Ok(Some((key, value)))
+}
+
+fn build_snapshot_file(engine: &Engine, group: GroupId) -> std::io::Result<Snapshot> {
+    let db = engine.db();
+    let cf = engine.cf_io(CF_STATE)?;
+    let view = db.snapshot();
+    let (applied, membership): (Option<LogId>, StoredMembership) =
+        match view.get_cf(cf, state_key(group, KEY_APPLIED, &[])).map_err(crate::storage::engine_io_err)? {
+            Some(v) => decode(&v)?,
+            None => Default::default(),
+        };
+    let file_name = snapshot_file_name(group, applied.as_ref());
+    let dir = engine.snapshot_dir();
+    let tmp = dir.join(format!("{file_name}.tmp"));
+    {
+        let mut w = BufWriter::new(std::fs::File::create(&tmp)?);
+        w.write_all(SNAPSHOT_MAGIC)?;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(group_end(group).to_vec());
+        let mut it = view.raw_iterator_cf_opt(cf, opts);
+        it.seek(group_prefix(group));
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            // Keys are stored without the group prefix so the format is group-independent.
+            write_record(&mut w, &key[8..], value)?;
+            it.next();
+        }
+        it.status().map_err(crate::storage::engine_io_err)?;
+        w.flush()?;
+        w.get_ref().sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(&file_name))?;
+    let meta = SnapshotMeta { last_log_id: applied, last_membership: membership };
+    set_current_snapshot(engine, group, &meta, &file_name)?;
+    let file = std::fs::File::open(dir.join(&file_name))?;
+    Ok(Snapshot { meta, snapshot: file })
+}
+
+/// Records `file_name` as the group's current snapshot and removes the previous file.
+fn set_current_snapshot(engine: &Engine, group: GroupId, meta: &SnapshotMeta, file_name: &str) -> std::io::Result<()> {
+    let cf = engine.cf_io(CF_META)?;
+    let key = meta_key(group, TAG_SNAPSHOT);
+    let previous: Option<SnapshotDescriptor> = match engine.db().get_pinned_cf(cf, key).map_err(crate::storage::engine_io_err)? {
+        Some(v) => decode(&v).ok(),
+        None => None,
+    };
+    let mut batch = WriteBatch::default();
+    batch.put_cf(cf, key, encode(&SnapshotDescriptor { meta: meta.clone(), file: file_name.to_string() })?);
+    engine.write_sync(batch)?;
+    if let Some(prev) = previous {
+        if prev.file != file_name {
+            let _ = std::fs::remove_file(engine.snapshot_dir().join(prev.file));
+        }
+    }
+    Ok(())
+}
+
+fn install_snapshot_file(
+    engine: &Engine,
+    group: GroupId,
+    meta: &SnapshotMeta,
+    file: std::fs::File,
+) -> std::io::Result<()> {
+    let cf = engine.cf_io(CF_STATE)?;
+    let mut r = BufReader::new(file);
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)?;
+    if &magic != SNAPSHOT_MAGIC {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a Parley snapshot"));
+    }
+    // One atomic batch: the group's state is either the old one or exactly the snapshot.
+    let mut batch = WriteBatch::default();
+    batch.delete_range_cf(cf, group_prefix(group), group_end(group));
+    while let Some((key, value)) = read_record(&mut r)? {
+        let mut full = group_prefix(group).to_vec();
+        full.extend_from_slice(&key);
+        batch.put_cf(cf, &full, &value);
+    }
+    batch.put_cf(
+        cf,
+        state_key(group, KEY_APPLIED, &[]),
+        encode(&(meta.last_log_id.clone(), meta.last_membership.clone()))?,
+    );
+    engine.write_sync(batch)?;
+    // Keep the installed snapshot as this replica's current one, so it can serve it too.
+    let file_name = snapshot_file_name(group, meta.last_log_id.as_ref());
+    let path: PathBuf = engine.snapshot_dir().join(&file_name);
+    {
+        let mut src = r.into_inner();
+        src.seek(std::io::SeekFrom::Start(0))?;
+        let mut dst = std::fs::File::create(&path)?;
+        std::io::copy(&mut src, &mut dst)?;
+        dst.sync_all()?;
+    }
+    set_current_snapshot(engine, group, meta, &file_name)
+}

@@ -1,0 +1,193 @@
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::metrics::Metrics;
+use crate::placement::GroupId;
+
+pub const CF_LOG: &str = "raft_log";
+pub const CF_META: &str = "raft_meta";
+pub const CF_STATE: &str = "state";
+
+/// A storage failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("opening RocksDB at {path}: {source}")]
+    Open { path: PathBuf, source: rocksdb::Error },
+    #[error("RocksDB column family {0} missing")]
+    MissingColumnFamily(&'static str),
+    #[error("creating directory {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+}
+
+type SyncCallback = Box<dyn FnOnce(std::io::Result<()>) + Send>;
+
+/// The node's RocksDB instance and its WAL-sync thread.
+pub struct Engine {
+    db: Arc<DB>,
+    dir: PathBuf,
+    sync_tx: mpsc::Sender<SyncCallback>,
+    /// Set by fault injection: behave as if the disk were full.
+    disk_full_injected: AtomicBool,
+    /// Set while free disk space is below the configured floor.
+    disk_low: AtomicBool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("dir", &self.dir).finish()
+    }
+}
+
+impl Engine {
+    /// Opens (or creates) the node's database under `dir`.
+    pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Arc<Engine>, StorageError> {
+        let db_dir = dir.join("db");
+        for d in [&db_dir, &dir.join("snapshots")] {
+            std::fs::create_dir_all(d).map_err(|source| StorageError::Dir { path: d.clone(), source })?;
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        let cfs = [CF_LOG, CF_META, CF_STATE].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, &db_dir, cfs)
+            .map_err(|source| StorageError::Open { path: db_dir.clone(), source })?;
+        let db = Arc::new(db);
+        let (sync_tx, sync_rx) = mpsc::channel::<SyncCallback>();
+        let sync_db = db.clone();
+        std::thread::Builder::new()
+            .name("wal-sync".into())
+            .spawn(move || wal_sync_loop(sync_db, sync_rx, metrics))
+            .map_err(|source| StorageError::Dir { path: db_dir, source })?;
+        let engine = Engine { db, dir: dir.to_path_buf(), sync_tx, disk_full_injected: AtomicBool::new(false), disk_low: AtomicBool::new(false) };
+        for cf in [CF_LOG, CF_META, CF_STATE] {
+            engine.cf(cf)?;
+        }
+        Ok(Arc::new(engine))
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    pub fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StorageError> {
+        self.db.cf_handle(name).ok_or(StorageError::MissingColumnFamily(name))
+    }
+
+    /// Column family handle for internal use after `open` verified they all exist.
+    pub(crate) fn cf_io(&self, name: &'static str) -> std::io::Result<&ColumnFamily> {
+        self.cf(name).map_err(std::io::Error::other)
+    }
+
+    /// Calls `done` once everything written so far is fsync'd.
+    pub fn sync_then(&self, done: impl FnOnce(std::io::Result<()>) + Send + 'static) {
+        if let Err(mpsc::SendError(done)) = self.sync_tx.send(Box::new(done)) {
+            done(Err(std::io::Error::other("WAL sync thread stopped")));
+        }
+    }
+
+    /// Writes a batch and waits for it to be fsync'd (for rare writes: votes, snapshots).
+    pub fn write_sync(&self, batch: WriteBatch) -> std::io::Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(io_err)
+    }
+
+    /// Whether writes must be refused for lack of disk space.
+    pub fn is_disk_full(&self) -> bool {
+        self.disk_full_injected.load(Ordering::Relaxed) || self.disk_low.load(Ordering::Relaxed)
+    }
+
+    /// Fault injection: behave as if the disk were full.
+    pub fn inject_disk_full(&self, full: bool) {
+        self.disk_full_injected.store(full, Ordering::Relaxed);
+    }
+
+    /// Records whether free space is below the floor; returns true when this changed.
+    pub fn set_disk_low(&self, low: bool) -> bool {
+        self.disk_low.swap(low, Ordering::Relaxed) != low
+    }
+
+    /// Bytes of live data in all column families (SST files plus memtables).
+    pub fn size_bytes(&self) -> u64 {
+        [CF_LOG, CF_META, CF_STATE]
+            .iter()
+            .filter_map(|name| self.db.cf_handle(name))
+            .map(|cf| {
+                let sst = self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten();
+                let mem = self.db.property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables").ok().flatten();
+                sst.unwrap_or(0) + mem.unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Removes every key a group owns in every column family (the group left this node).
+    pub fn delete_group(&self, group: GroupId) -> std::io::Result<()> {
+        let mut batch = WriteBatch::default();
+        let (start, end) = (super::group_prefix(group), super::group_end(group));
+        for cf in [CF_LOG, CF_META, CF_STATE] {
+            batch.delete_range_cf(self.cf_io(cf)?, start, end);
+        }
+        self.write_sync(batch)
+    }
+
+    /// Group ids that have anything in `raft_meta` (groups this node hosted before a restart).
+    pub fn stored_groups(&self) -> std::io::Result<Vec<GroupId>> {
+        let mut groups = Vec::new();
+        let cf = self.cf_io(CF_META)?;
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek_to_first();
+        while let Some(key) = it.key() {
+            let Some(prefix) = key.get(..8) else { break };
+            let mut b = [0u8; 8];
+            b.copy_from_slice(prefix);
+            let g = u64::from_be_bytes(b);
+            groups.push(g);
+            match g.checked_add(1) {
+                Some(next) => it.seek(next.to_be_bytes()),
+                None => break,
+            }
+        }
+        it.status().map_err(io_err)?;
+        Ok(groups)
+    }
+}
+
+fn wal_sync_loop(db: Arc<DB>, rx: mpsc::Receiver<SyncCallback>, metrics: Arc<Metrics>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let started = Instant::now();
+        let res = db.flush_wal(true);
+        metrics.wal_sync_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.wal_sync_batch.observe(waiting.len() as f64);
+        for done in waiting {
+            done(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        }
+    }
+}
+
+pub fn io_err(e: rocksdb::Error) -> std::io::Error {
+    let msg = e.to_string();
+    if msg.contains("No space left") {
+        std::io::Error::new(std::io::ErrorKind::StorageFull, msg)
+    } else {
+        std::io::Error::other(msg)
+    }
+}
