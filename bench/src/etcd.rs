@@ -66,7 +66,9 @@ impl EtcdCluster {
             let log_path = root.join(format!("{name}.log"));
             let log = File::create(&log_path)
                 .with_context(|| format!("cannot create {}", log_path.display()))?;
-            let stderr = log.try_clone().context("cannot duplicate the log file handle")?;
+            let stderr = log
+                .try_clone()
+                .context("cannot duplicate the log file handle")?;
             let mut command = Command::new(binary);
             command
                 .arg("--name")
@@ -98,7 +100,10 @@ impl EtcdCluster {
 
     /// The members' client URLs.
     pub fn client_urls(&self) -> Vec<String> {
-        self.members.iter().map(|member| member.client_url.clone()).collect()
+        self.members
+            .iter()
+            .map(|member| member.client_url.clone())
+            .collect()
     }
 
     /// Waits until a put through all members' endpoints succeeds, failing early
@@ -121,7 +126,15 @@ impl EtcdCluster {
                 Err(err) => err.to_string(),
             };
             if Instant::now() >= deadline {
-                bail!("etcd did not accept a write within {timeout:?} (last: {last})");
+                let logs: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|member| log_tail(&member.log_path, 10))
+                    .collect();
+                bail!(
+                    "etcd did not accept a write within {timeout:?} (last: {last})\n{}",
+                    logs.join("\n")
+                );
             }
             sleep(Duration::from_millis(200)).await;
         }

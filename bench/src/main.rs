@@ -1,1 +1,414 @@
-fn main() {}
+//! `parley-bench`: benchmark programs for Parley, run by hand and never as
+//! timed tests.
+//!
+//! `parley-bench replication` measures replicated, fsynced writes on this
+//! machine, all on loopback and bounded in time:
+//!
+//! 1. starts a local 3-node Parley cluster (release binaries, through
+//!    `parley-testkit`) unless `--endpoints` names a running one;
+//! 2. per concurrency level runs that many closed-loop appenders for a fixed
+//!    time (random conversation, unique client message id, fixed-size payload)
+//!    and records throughput, latency percentiles and errors;
+//! 3. under a steady load, kills (`SIGKILL`) the node leading the most shard
+//!    groups and reports the longest time each of its groups went without an
+//!    acknowledged append, then restarts the node;
+//! 4. starts a 3-member etcd cluster with default (fsync-per-write) settings
+//!    and runs the same levels as puts of the same size over as many keys;
+//! 5. prints both side by side, ending with a single `RESULT` line for the
+//!    highest level.
+//!
+//! Build with `cargo build --release -p parley-node -p parley-bench`; progress
+//! goes to stderr, results to stdout.
+
+mod etcd;
+mod load;
+mod parley;
+mod report;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use clap::{Args, Parser, Subcommand};
+use parley_testkit::{ClusterOptions, LocalCluster};
+use rand::Rng as _;
+
+use crate::etcd::{EtcdCluster, EtcdTarget};
+use crate::load::{run_level, LevelResult, Target};
+use crate::parley::{measure_write_gap, GapOptions, GapReport, ParleyTarget};
+
+/// Parley nodes and etcd members started by the benchmark.
+const CLUSTER_SIZE: u64 = 3;
+/// Time limit for a cluster to come up or recover.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Benchmark programs for Parley")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replicated write throughput and latency of Parley against etcd on local
+    /// 3-node clusters, and Parley's write gap after a leader SIGKILL.
+    Replication(ReplicationArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplicationArgs {
+    /// Concurrency levels (concurrent writers), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    concurrency: Vec<usize>,
+    /// Seconds of load per level.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Number of conversations (etcd keys) the writes are spread over.
+    #[arg(long, default_value_t = 1000)]
+    conversations: usize,
+    /// Size of each appended payload and put value.
+    #[arg(long, default_value_t = 256)]
+    payload_bytes: usize,
+    /// Shard groups of the local Parley cluster.
+    #[arg(long, default_value_t = 8)]
+    shard_groups: u32,
+    /// Concurrent writers during the write-gap measurement.
+    #[arg(long, default_value_t = 32)]
+    gap_concurrency: usize,
+    /// Seconds of load after the leader SIGKILL.
+    #[arg(long, default_value_t = 10)]
+    gap_seconds: u64,
+    /// Smoke run: levels 1,16 for 2 s each and 5 s after the SIGKILL
+    /// (overrides --concurrency, --seconds and --gap-seconds).
+    #[arg(long)]
+    quick: bool,
+    /// gRPC endpoints (http://127.0.0.1:PORT, comma-separated) of a running
+    /// Parley cluster on this machine to load instead of starting one; the
+    /// write-gap phase is then skipped.
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// The parley-node binary (default: $PARLEY_NODE_BIN, else next to this program).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// Extra argument for every `parley-node run` (repeatable).
+    #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
+    node_args: Vec<String>,
+    /// The etcd server binary.
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd_bin: PathBuf,
+    /// Directory in which the run's temporary data directory is created
+    /// (default: the system's). Kept, with all logs, if the run fails.
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// Run only the etcd half (to check the baseline without parley-node).
+    #[arg(long, hide = true)]
+    etcd_only: bool,
+}
+
+/// The measurement plan derived from the arguments.
+struct Plan {
+    levels: Vec<usize>,
+    per_level: Duration,
+    conversations: usize,
+    payload: Arc<[u8]>,
+    gap: GapOptions,
+}
+
+impl Plan {
+    fn new(args: &ReplicationArgs) -> anyhow::Result<Self> {
+        let (levels, per_level, warmup, after_kill) = if args.quick {
+            (vec![1, 16], 2, 1, 5)
+        } else {
+            (args.concurrency.clone(), args.seconds, 2, args.gap_seconds)
+        };
+        ensure!(!levels.is_empty(), "no concurrency levels");
+        ensure!(
+            levels.iter().all(|&level| level > 0),
+            "concurrency levels must be at least 1"
+        );
+        ensure!(per_level > 0, "--seconds must be at least 1");
+        ensure!(args.conversations > 0, "--conversations must be at least 1");
+        ensure!(
+            args.gap_concurrency > 0,
+            "--gap-concurrency must be at least 1"
+        );
+        // Clients encrypt payloads, so random bytes are the realistic content.
+        let mut payload = vec![0u8; args.payload_bytes];
+        rand::rng().fill(&mut payload[..]);
+        let payload: Arc<[u8]> = payload.into();
+        Ok(Self {
+            levels,
+            per_level: Duration::from_secs(per_level),
+            conversations: args.conversations,
+            gap: GapOptions {
+                concurrency: args.gap_concurrency,
+                warmup: Duration::from_secs(warmup),
+                after_kill: Duration::from_secs(after_kill),
+                conversations: args.conversations,
+                payload: Arc::clone(&payload),
+            },
+            payload,
+        })
+    }
+}
+
+/// What the Parley half measured.
+struct ParleyOutcome {
+    levels: Vec<LevelResult>,
+    /// `None` when benchmarking `--endpoints`.
+    gap: Option<GapReport>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Replication(args) => replication(&args).await,
+    }
+}
+
+async fn replication(args: &ReplicationArgs) -> anyhow::Result<()> {
+    let plan = Plan::new(args)?;
+    for endpoint in &args.endpoints {
+        ensure_loopback(endpoint)?;
+    }
+    let parent = args.data_root.clone().unwrap_or_else(std::env::temp_dir);
+    let workdir = tempfile::Builder::new()
+        .prefix("parley-bench-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a data directory in {}", parent.display()))?;
+    let outcome = run(args, &plan, workdir.path()).await;
+    if outcome.is_err() {
+        eprintln!(
+            "parley-bench: data and logs kept in {}",
+            workdir.keep().display()
+        );
+    }
+    outcome
+}
+
+async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result<()> {
+    eprintln!(
+        "parley-bench replication: levels {:?}, {} s each, {} conversations, {}-byte payloads",
+        plan.levels,
+        plan.per_level.as_secs(),
+        plan.conversations,
+        plan.payload.len()
+    );
+    let parley = if args.etcd_only {
+        None
+    } else {
+        Some(run_parley(args, plan, &root.join("parley")).await?)
+    };
+    let etcd = run_etcd(args, plan, &root.join("etcd")).await?;
+
+    let Some(parley) = parley else {
+        println!(
+            "{}",
+            report::single_table("etcd puts (3 members)", "puts/s", &etcd)
+        );
+        return Ok(());
+    };
+    println!("{}", report::comparison_table(&parley.levels, &etcd));
+    match &parley.gap {
+        Some(gap) => {
+            let unrecovered = gap.groups.iter().filter(|group| !group.recovered).count();
+            if unrecovered > 0 {
+                println!(
+                    "{unrecovered} of {} groups acknowledged no append after the kill; \
+                     their gap runs to the end of the load",
+                    gap.groups.len()
+                );
+            }
+            println!(
+                "write gap after leader SIGKILL: max {} ms, p50 across groups {} ms",
+                gap.max().as_millis(),
+                gap.median().as_millis()
+            );
+        }
+        None => println!("write gap after leader SIGKILL: not measured (--endpoints given)"),
+    }
+    let top = |levels: &[LevelResult]| {
+        levels
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, level)| level.concurrency)
+            .map(|(index, _)| index)
+    };
+    let index = top(&parley.levels).context("no Parley levels were run")?;
+    let (parley_top, etcd_top) = parley
+        .levels
+        .get(index)
+        .zip(etcd.get(index))
+        .context("Parley and etcd ran different levels")?;
+    ensure!(
+        parley_top.ok > 0 && etcd_top.ok > 0,
+        "no RESULT: a system completed no writes at concurrency {} (see the errors above)",
+        parley_top.concurrency
+    );
+    println!("{}", report::result_line(parley_top, etcd_top));
+    Ok(())
+}
+
+/// Parley's levels and, on a local cluster, the write gap.
+async fn run_parley(
+    args: &ReplicationArgs,
+    plan: &Plan,
+    root: &Path,
+) -> anyhow::Result<ParleyOutcome> {
+    if !args.endpoints.is_empty() {
+        let target = ParleyTarget::connect(&args.endpoints, Arc::clone(&plan.payload)).await?;
+        let levels = run_levels("Parley", &target, plan).await?;
+        eprintln!("write gap: skipped, --endpoints given (no local node to kill)");
+        return Ok(ParleyOutcome { levels, gap: None });
+    }
+    eprintln!(
+        "starting {CLUSTER_SIZE} parley-node processes ({} shard groups) in {}",
+        args.shard_groups,
+        root.display()
+    );
+    let cluster = LocalCluster::start(ClusterOptions {
+        nodes: CLUSTER_SIZE,
+        shard_groups: args.shard_groups,
+        data_root: Some(root.to_path_buf()),
+        node_bin: args.node_bin.clone(),
+        extra_args: args.node_args.clone(),
+        startup_timeout: STARTUP_TIMEOUT,
+        ..ClusterOptions::default()
+    })
+    .await
+    .context("cannot start the Parley cluster")?;
+    let target = ParleyTarget::connect(&cluster.endpoints(), Arc::clone(&plan.payload)).await?;
+    let levels = run_levels("Parley", &target, plan).await?;
+
+    eprintln!(
+        "write gap: {} writers, SIGKILL of the busiest leader after {} s, then {} s of load",
+        plan.gap.concurrency,
+        plan.gap.warmup.as_secs(),
+        plan.gap.after_kill.as_secs()
+    );
+    let gap = measure_write_gap(&cluster, &plan.gap).await?;
+    for group in &gap.groups {
+        eprintln!(
+            "  group {}: {} ms{}",
+            group.group_id,
+            group.gap.as_millis(),
+            if group.recovered {
+                ""
+            } else {
+                " (no append acknowledged after the kill)"
+            }
+        );
+    }
+    eprintln!(
+        "  node {} led {} groups; {} appends acknowledged, {} failed after retries",
+        gap.victim,
+        gap.groups.len(),
+        gap.appends,
+        gap.errors
+    );
+    cluster
+        .restart(gap.victim)
+        .await
+        .with_context(|| format!("cannot restart node {}", gap.victim))?;
+    cluster.wait_for_leaders(STARTUP_TIMEOUT).await?;
+    eprintln!("  node {} restarted; every group has a leader", gap.victim);
+    // Dropping the cluster kills the nodes, leaving the cores to etcd.
+    drop(cluster);
+    Ok(ParleyOutcome {
+        levels,
+        gap: Some(gap),
+    })
+}
+
+/// etcd's levels on a fresh local cluster, killed afterwards.
+async fn run_etcd(
+    args: &ReplicationArgs,
+    plan: &Plan,
+    root: &Path,
+) -> anyhow::Result<Vec<LevelResult>> {
+    eprintln!(
+        "starting {CLUSTER_SIZE} etcd members ({}) in {}",
+        args.etcd_bin.display(),
+        root.display()
+    );
+    let mut cluster = EtcdCluster::start(&args.etcd_bin, root, STARTUP_TIMEOUT)
+        .await
+        .context("cannot start the etcd cluster")?;
+    let target = EtcdTarget::connect(&cluster.client_urls(), Arc::clone(&plan.payload)).await?;
+    let levels = run_levels("etcd", &target, plan).await?;
+    cluster.kill();
+    Ok(levels)
+}
+
+/// Runs every level of the plan against `target`, reporting each on stderr.
+async fn run_levels<T: Target>(
+    system: &str,
+    target: &T,
+    plan: &Plan,
+) -> anyhow::Result<Vec<LevelResult>> {
+    let mut results = Vec::with_capacity(plan.levels.len());
+    for &concurrency in &plan.levels {
+        let result = run_level(target, concurrency, plan.per_level, plan.conversations)
+            .await
+            .with_context(|| format!("{system} at concurrency {concurrency}"))?;
+        eprintln!("{system:>6}: {}", report::level_row(&result));
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// Refuses endpoints that are not on this machine's loopback interface.
+fn ensure_loopback(endpoint: &str) -> anyhow::Result<()> {
+    let uri: tonic::transport::Uri = endpoint
+        .parse()
+        .with_context(|| format!("invalid endpoint {endpoint:?}"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("endpoint {endpoint:?} has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    ensure!(loopback, "endpoint {endpoint:?} is not a loopback address");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_endpoints_are_accepted() {
+        for ok in [
+            "http://127.0.0.1:7000",
+            "http://localhost:1",
+            "http://[::1]:80",
+        ] {
+            assert!(ensure_loopback(ok).is_ok(), "{ok}");
+        }
+        for bad in ["http://10.0.0.1:7000", "http://example.com:1", "not a uri"] {
+            assert!(ensure_loopback(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quick_overrides_levels_and_durations() -> anyhow::Result<()> {
+        let cli =
+            Cli::try_parse_from(["parley-bench", "replication", "--quick", "--seconds", "30"])?;
+        let Command::Replication(args) = cli.command;
+        let plan = Plan::new(&args)?;
+        assert_eq!(plan.levels, vec![1, 16]);
+        assert_eq!(plan.per_level, Duration::from_secs(2));
+        assert_eq!(plan.payload.len(), 256);
+        Ok(())
+    }
+
+    #[test]
+    fn levels_are_comma_separated() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["parley-bench", "replication", "--concurrency", "2,8"])?;
+        let Command::Replication(args) = cli.command;
+        assert_eq!(Plan::new(&args)?.levels, vec![2, 8]);
+        Ok(())
+    }
+}

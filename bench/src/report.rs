@@ -43,7 +43,16 @@ pub fn comparison_table(parley: &[LevelResult], etcd: &[LevelResult]) -> String 
     let _ = writeln!(
         out,
         "{:>11} | {:>10} {:>8} {:>8} {:>7} | {:>10} {:>8} {:>8} {:>7} | {:>6}",
-        "concurrency", "ops/s", "p50 ms", "p99 ms", "errors", "ops/s", "p50 ms", "p99 ms", "errors", "ratio"
+        "concurrency",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "ratio"
     );
     for (p, e) in parley.iter().zip(etcd) {
         let _ = writeln!(
@@ -138,7 +147,10 @@ mod tests {
         let etcd = [level(1, 20, 1)?, level(16, 50, 4)?];
         let table = comparison_table(&parley, &etcd);
         assert_eq!(table.lines().count(), 4);
-        assert!(table.lines().nth(3).is_some_and(|row| row.ends_with("2.00")));
+        assert!(table
+            .lines()
+            .nth(3)
+            .is_some_and(|row| row.ends_with("2.00")));
         Ok(())
     }
 }

@@ -16,7 +16,9 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::error::ApiError;
 use crate::group_lifecycle::GroupLifecycle;
-use crate::placement::{GroupId, MetaCommand, MetaResponse, NodeId, NodeInfo, NodeState, PlacementError};
+use crate::placement::{
+    GroupId, MetaCommand, MetaResponse, NodeId, NodeInfo, NodeState, PlacementError,
+};
 use crate::types::{decode, encode, GroupRaft, METADATA_GROUP};
 
 /// Header marking an admin call forwarded to a group leader (forwarded at most once).
@@ -45,7 +47,8 @@ fn is_forwarded<T>(req: &Request<T>) -> bool {
 
 fn forwarded_request<T>(msg: T, timeout: Duration) -> Request<T> {
     let mut req = Request::new(msg);
-    req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    req.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
     req.set_timeout(timeout);
     req
 }
@@ -66,7 +69,11 @@ pub fn replica_status(group: GroupId, raft: &GroupRaft) -> GroupReplicaStatus {
         matched: m
             .replication
             .as_ref()
-            .map(|r| r.iter().map(|(n, l)| (*n, l.as_ref().map(|l| l.index).unwrap_or(0))).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(n, l)| (*n, l.as_ref().map(|l| l.index).unwrap_or(0)))
+                    .collect()
+            })
             .unwrap_or_default(),
     }
 }
@@ -76,8 +83,17 @@ impl AdminService {
         NodeStatusReply {
             node_id: self.cluster.node_id(),
             placement_epoch: self.cluster.placement().epoch,
-            groups: self.cluster.replicas.hosted().iter().map(|(g, r)| replica_status(*g, r)).collect(),
-            ready: self.lifecycle.ready.load(std::sync::atomic::Ordering::Relaxed),
+            groups: self
+                .cluster
+                .replicas
+                .hosted()
+                .iter()
+                .map(|(g, r)| replica_status(*g, r))
+                .collect(),
+            ready: self
+                .lifecycle
+                .ready
+                .load(std::sync::atomic::Ordering::Relaxed),
             db_bytes: self.cluster.replicas.engine().size_bytes(),
         }
     }
@@ -87,30 +103,68 @@ impl AdminService {
         let mut nodes = BTreeMap::new();
         for n in &req.nodes {
             if n.node_id == 0 || n.addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(ApiError::InvalidArgument(format!("node {} needs an id >= 1 and an ip:port address", n.node_id)));
+                return Err(ApiError::InvalidArgument(format!(
+                    "node {} needs an id >= 1 and an ip:port address",
+                    n.node_id
+                )));
             }
-            let info = NodeInfo { addr: n.addr.clone(), http_addr: n.http_addr.clone(), zone: n.zone.clone(), state: NodeState::Active };
+            let info = NodeInfo {
+                addr: n.addr.clone(),
+                http_addr: n.http_addr.clone(),
+                zone: n.zone.clone(),
+                state: NodeState::Active,
+            };
             nodes.insert(n.node_id, info);
         }
         if nodes.len() != crate::placement::REPLICATION_FACTOR {
             return Err(PlacementError::WrongNodeCount { got: nodes.len() }.into());
         }
         if !nodes.contains_key(&me) {
-            return Err(ApiError::InvalidArgument(format!("bootstrap must be sent to one of its nodes, not node {me}")));
+            return Err(ApiError::InvalidArgument(format!(
+                "bootstrap must be sent to one of its nodes, not node {me}"
+            )));
         }
         let placement = self.cluster.placement();
         if placement.epoch > 0 {
-            return Err(PlacementError::AlreadyBootstrapped { epoch: placement.epoch }.into());
+            return Err(PlacementError::AlreadyBootstrapped {
+                epoch: placement.epoch,
+            }
+            .into());
         }
-        let raft = self.cluster.replicas.ensure(METADATA_GROUP).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let raft = self
+            .cluster
+            .replicas
+            .ensure(METADATA_GROUP)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         if matches!(raft.is_initialized().await, Ok(false)) {
-            let members: BTreeMap<u64, BasicNode> =
-                nodes.iter().map(|(id, n)| (*id, BasicNode { addr: n.addr.clone() })).collect();
-            raft.initialize(members).await.map_err(|e| ApiError::Unavailable(format!("initializing metadata group: {e}")))?;
+            let members: BTreeMap<u64, BasicNode> = nodes
+                .iter()
+                .map(|(id, n)| {
+                    (
+                        *id,
+                        BasicNode {
+                            addr: n.addr.clone(),
+                        },
+                    )
+                })
+                .collect();
+            raft.initialize(members)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("initializing metadata group: {e}")))?;
         }
-        let epoch = self.cluster.propose_meta(MetaCommand::Bootstrap { nodes, shard_groups: req.shard_groups }).await?;
+        let epoch = self
+            .cluster
+            .propose_meta(MetaCommand::Bootstrap {
+                nodes,
+                shard_groups: req.shard_groups,
+            })
+            .await?;
         tracing::info!(epoch, groups = req.shard_groups, "cluster bootstrapped");
-        Ok(BootstrapReply { epoch, shard_groups: req.shard_groups })
+        Ok(BootstrapReply {
+            epoch,
+            shard_groups: req.shard_groups,
+        })
     }
 
     async fn cluster_status(&self) -> Result<ClusterStatusReply, ApiError> {
@@ -119,19 +173,33 @@ impl AdminService {
             return Err(ApiError::NotBootstrapped);
         }
         // Ask every registered node for its own view, in parallel, briefly.
-        let calls = placement.nodes.iter().filter(|(_, n)| n.state != NodeState::Removed).map(|(id, _)| {
-            let id = *id;
-            async move {
-                if id == self.cluster.node_id() {
-                    return (id, Some(self.node_status()));
+        let calls = placement
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.state != NodeState::Removed)
+            .map(|(id, _)| {
+                let id = *id;
+                async move {
+                    if id == self.cluster.node_id() {
+                        return (id, Some(self.node_status()));
+                    }
+                    let Ok(channel) = self.cluster.channel_to(id) else {
+                        return (id, None);
+                    };
+                    let mut req = Request::new(NodeStatusRequest {});
+                    req.set_timeout(Duration::from_millis(800));
+                    (
+                        id,
+                        AdminClient::new(channel)
+                            .node_status(req)
+                            .await
+                            .ok()
+                            .map(|r| r.into_inner()),
+                    )
                 }
-                let Ok(channel) = self.cluster.channel_to(id) else { return (id, None) };
-                let mut req = Request::new(NodeStatusRequest {});
-                req.set_timeout(Duration::from_millis(800));
-                (id, AdminClient::new(channel).node_status(req).await.ok().map(|r| r.into_inner()))
-            }
-        });
-        let statuses: BTreeMap<NodeId, Option<NodeStatusReply>> = futures::future::join_all(calls).await.into_iter().collect();
+            });
+        let statuses: BTreeMap<NodeId, Option<NodeStatusReply>> =
+            futures::future::join_all(calls).await.into_iter().collect();
         let mut groups = Vec::new();
         for (gid, gp) in &placement.groups {
             let mut g = ClusterGroup {
@@ -143,7 +211,12 @@ impl AdminService {
                 ..Default::default()
             };
             for (node, status) in &statuses {
-                let Some(r) = status.as_ref().and_then(|s| s.groups.iter().find(|r| r.group_id == *gid)) else { continue };
+                let Some(r) = status
+                    .as_ref()
+                    .and_then(|s| s.groups.iter().find(|r| r.group_id == *gid))
+                else {
+                    continue;
+                };
                 g.applied.insert(*node, r.applied_index);
                 if r.role == "leader" && r.term >= g.term {
                     g.leader = *node;
@@ -167,10 +240,18 @@ impl AdminService {
             .map(|(id, n)| {
                 let st = statuses.get(id).cloned().flatten();
                 ClusterNode {
-                    address: Some(NodeAddress { node_id: *id, addr: n.addr.clone(), http_addr: n.http_addr.clone(), zone: n.zone.clone() }),
+                    address: Some(NodeAddress {
+                        node_id: *id,
+                        addr: n.addr.clone(),
+                        http_addr: n.http_addr.clone(),
+                        zone: n.zone.clone(),
+                    }),
                     state: n.state.as_str().into(),
                     reachable: st.is_some(),
-                    replicas: groups.iter().filter(|g| g.voters.contains(id) || g.learners.contains(id)).count() as u32,
+                    replicas: groups
+                        .iter()
+                        .filter(|g| g.voters.contains(id) || g.learners.contains(id))
+                        .count() as u32,
                     leaders: groups.iter().filter(|g| g.leader == *id).count() as u32,
                     ready: st.map(|s| s.ready).unwrap_or(false),
                 }
@@ -179,14 +260,29 @@ impl AdminService {
         let metadata_leader = statuses
             .iter()
             .filter_map(|(id, s)| s.as_ref().map(|s| (id, s)))
-            .find(|(_, s)| s.groups.iter().any(|r| r.group_id == METADATA_GROUP && r.role == "leader"))
+            .find(|(_, s)| {
+                s.groups
+                    .iter()
+                    .any(|r| r.group_id == METADATA_GROUP && r.role == "leader")
+            })
             .map(|(id, _)| *id)
             .unwrap_or(0);
-        Ok(ClusterStatusReply { epoch: placement.epoch, nodes, groups, metadata_leader })
+        Ok(ClusterStatusReply {
+            epoch: placement.epoch,
+            nodes,
+            groups,
+            metadata_leader,
+        })
     }
 
     /// Runs `op` on the leader of `group`: here if this node leads it, else forwarded once.
-    async fn on_leader<T, Op, Fwd, FwdFut>(&self, group: GroupId, forwarded: bool, op: Op, forward: Fwd) -> Result<T, ApiError>
+    async fn on_leader<T, Op, Fwd, FwdFut>(
+        &self,
+        group: GroupId,
+        forwarded: bool,
+        op: Op,
+        forward: Fwd,
+    ) -> Result<T, ApiError>
     where
         Op: AsyncFnOnce(GroupRaft) -> Result<T, ApiError>,
         Fwd: FnOnce(AdminClient<tonic::transport::Channel>) -> FwdFut,
@@ -205,53 +301,102 @@ impl AdminService {
         }
     }
 
-    async fn add_replica(&self, group: GroupId, node: NodeId, forwarded: bool) -> Result<u64, ApiError> {
+    async fn add_replica(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        forwarded: bool,
+    ) -> Result<u64, ApiError> {
         let placement = self.cluster.placement();
-        let gp = placement.groups.get(&group).ok_or(PlacementError::UnknownGroup(group))?;
+        let gp = placement
+            .groups
+            .get(&group)
+            .ok_or(PlacementError::UnknownGroup(group))?;
         if gp.voters.contains(&node) {
             return Err(PlacementError::AlreadyHosted { group, node }.into());
         }
-        let addr = placement.nodes.get(&node).ok_or(PlacementError::UnknownNode(node))?.addr.clone();
+        let addr = placement
+            .nodes
+            .get(&node)
+            .ok_or(PlacementError::UnknownNode(node))?
+            .addr
+            .clone();
         let timeout = CATCH_UP_TIMEOUT + self.cluster.request_timeout();
-        let msg = ReplicaChangeRequest { group_id: group, node_id: node };
+        let msg = ReplicaChangeRequest {
+            group_id: group,
+            node_id: node,
+        };
         self.on_leader(
             group,
             forwarded,
             async |raft: GroupRaft| {
                 if !gp.learners.contains(&node) {
-                    self.cluster.propose_meta(MetaCommand::AddLearner { group, node }).await?;
+                    self.cluster
+                        .propose_meta(MetaCommand::AddLearner { group, node })
+                        .await?;
                 }
                 // Blocks until the learner has caught up with the leader's log.
-                tokio::time::timeout(CATCH_UP_TIMEOUT, raft.add_learner(node, BasicNode { addr }, true))
-                    .await
-                    .map_err(|_| ApiError::Timeout(format!("node {node} did not catch up with group {group}")))?
-                    .map_err(|e| ApiError::Unavailable(format!("adding learner: {e}")))?;
+                tokio::time::timeout(
+                    CATCH_UP_TIMEOUT,
+                    raft.add_learner(node, BasicNode { addr }, true),
+                )
+                .await
+                .map_err(|_| {
+                    ApiError::Timeout(format!("node {node} did not catch up with group {group}"))
+                })?
+                .map_err(|e| ApiError::Unavailable(format!("adding learner: {e}")))?;
                 raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node])), false)
                     .await
                     .map_err(|e| ApiError::Unavailable(format!("promoting learner: {e}")))?;
-                self.cluster.propose_meta(MetaCommand::PromoteLearner { group, node }).await
+                self.cluster
+                    .propose_meta(MetaCommand::PromoteLearner { group, node })
+                    .await
             },
-            async |mut c| c.add_replica(forwarded_request(msg, timeout)).await.map(|r| r.into_inner().epoch),
+            async |mut c| {
+                c.add_replica(forwarded_request(msg, timeout))
+                    .await
+                    .map(|r| r.into_inner().epoch)
+            },
         )
         .await
     }
 
-    async fn remove_replica(&self, group: GroupId, node: NodeId, forwarded: bool) -> Result<u64, ApiError> {
+    async fn remove_replica(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        forwarded: bool,
+    ) -> Result<u64, ApiError> {
         let placement = self.cluster.placement();
-        let gp = placement.groups.get(&group).ok_or(PlacementError::UnknownGroup(group))?;
+        let gp = placement
+            .groups
+            .get(&group)
+            .ok_or(PlacementError::UnknownGroup(group))?;
         if !gp.hosts(node) {
             return Err(PlacementError::NotHosted { group, node }.into());
         }
         let is_voter = gp.voters.contains(&node);
         if is_voter && gp.voters.len() <= crate::placement::REPLICATION_FACTOR {
-            return Err(PlacementError::BelowReplicationFactor { group, left: gp.voters.len() - 1 }.into());
+            return Err(PlacementError::BelowReplicationFactor {
+                group,
+                left: gp.voters.len() - 1,
+            }
+            .into());
         }
         // The leader does not remove itself: hand leadership to another voter first.
         if is_voter && self.cluster.leader_of(group) == Some(node) {
-            let to = gp.voters.iter().copied().find(|v| *v != node).ok_or(ApiError::Internal("no other voter".into()))?;
+            let to = gp
+                .voters
+                .iter()
+                .copied()
+                .find(|v| *v != node)
+                .ok_or(ApiError::Internal("no other voter".into()))?;
             self.transfer_leader(group, to, false).await?;
         }
-        let msg = ReplicaChangeRequest { group_id: group, node_id: node };
+        let msg = ReplicaChangeRequest {
+            group_id: group,
+            node_id: node,
+        };
         let timeout = self.cluster.request_timeout();
         self.on_leader(
             group,
@@ -266,31 +411,54 @@ impl AdminService {
                     .await
                     .map_err(|e| ApiError::Unavailable(format!("removing replica: {e}")))?;
                 // Only now may the node delete its copy: the group no longer counts on it.
-                self.cluster.propose_meta(MetaCommand::RemoveReplica { group, node }).await
+                self.cluster
+                    .propose_meta(MetaCommand::RemoveReplica { group, node })
+                    .await
             },
-            async |mut c| c.remove_replica(forwarded_request(msg, timeout)).await.map(|r| r.into_inner().epoch),
+            async |mut c| {
+                c.remove_replica(forwarded_request(msg, timeout))
+                    .await
+                    .map(|r| r.into_inner().epoch)
+            },
         )
         .await
     }
 
-    async fn transfer_leader(&self, group: GroupId, to: NodeId, forwarded: bool) -> Result<u64, ApiError> {
+    async fn transfer_leader(
+        &self,
+        group: GroupId,
+        to: NodeId,
+        forwarded: bool,
+    ) -> Result<u64, ApiError> {
         let placement = self.cluster.placement();
-        let gp = placement.groups.get(&group).ok_or(PlacementError::UnknownGroup(group))?;
+        let gp = placement
+            .groups
+            .get(&group)
+            .ok_or(PlacementError::UnknownGroup(group))?;
         if !gp.voters.contains(&to) {
             return Err(PlacementError::NotHosted { group, node: to }.into());
         }
         // Make `to` the preferred leader so the balancer keeps it there.
-        let epoch = self.cluster.propose_meta(MetaCommand::SetPreferredLeader { group, node: to }).await?;
+        let epoch = self
+            .cluster
+            .propose_meta(MetaCommand::SetPreferredLeader { group, node: to })
+            .await?;
         if self.cluster.leader_of(group) == Some(to) {
             return Ok(epoch);
         }
-        let msg = TransferLeaderRequest { group_id: group, to_node: to };
+        let msg = TransferLeaderRequest {
+            group_id: group,
+            to_node: to,
+        };
         let timeout = self.cluster.request_timeout();
         self.on_leader(
             group,
             forwarded,
             async |raft: GroupRaft| {
-                raft.trigger().transfer_leader(to).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+                raft.trigger()
+                    .transfer_leader(to)
+                    .await
+                    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while Instant::now() < deadline {
                     if raft.metrics().borrow_watched().current_leader == Some(to) {
@@ -298,26 +466,43 @@ impl AdminService {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(ApiError::Timeout(format!("node {to} did not take leadership of group {group}")))
+                Err(ApiError::Timeout(format!(
+                    "node {to} did not take leadership of group {group}"
+                )))
             },
-            async |mut c| c.transfer_leader(forwarded_request(msg, timeout)).await.map(|r| r.into_inner().epoch),
+            async |mut c| {
+                c.transfer_leader(forwarded_request(msg, timeout))
+                    .await
+                    .map(|r| r.into_inner().epoch)
+            },
         )
         .await
     }
 
     /// Moves every replica off `node`, one group at a time (add the new one, then remove).
     async fn drain(&self, node: NodeId) -> Result<(u64, String), ApiError> {
-        self.cluster.propose_meta(MetaCommand::SetNodeState { node_id: node, state: NodeState::Draining }).await?;
+        self.cluster
+            .propose_meta(MetaCommand::SetNodeState {
+                node_id: node,
+                state: NodeState::Draining,
+            })
+            .await?;
         let mut moved = 0;
-        let groups: Vec<GroupId> =
-            self.cluster.placement().groups.iter().filter(|(_, g)| g.hosts(node)).map(|(id, _)| *id).collect();
+        let groups: Vec<GroupId> = self
+            .cluster
+            .placement()
+            .groups
+            .iter()
+            .filter(|(_, g)| g.hosts(node))
+            .map(|(id, _)| *id)
+            .collect();
         for group in groups {
             let placement = self.cluster.placement();
             let gp = &placement.groups[&group];
             if gp.voters.len() <= crate::placement::REPLICATION_FACTOR {
-                let target = placement
-                    .pick_target(group)
-                    .ok_or_else(|| ApiError::Unavailable(format!("no node can take group {group}'s replica")))?;
+                let target = placement.pick_target(group).ok_or_else(|| {
+                    ApiError::Unavailable(format!("no node can take group {group}'s replica"))
+                })?;
                 self.add_replica(group, target, false).await?;
             }
             self.remove_replica(group, node, false).await?;
@@ -334,92 +519,176 @@ impl AdminService {
 
 fn reply<T>(cluster: &Cluster, res: Result<T, ApiError>) -> Result<Response<T>, Status> {
     res.map(Response::new).map_err(|e| {
-        cluster.metrics.grpc_errors_total.with_label_values(&["admin", e.code()]).inc();
+        cluster
+            .metrics
+            .grpc_errors_total
+            .with_label_values(&["admin", e.code()])
+            .inc();
         e.into()
     })
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn bootstrap(&self, request: Request<BootstrapRequest>) -> Result<Response<BootstrapReply>, Status> {
+    async fn bootstrap(
+        &self,
+        request: Request<BootstrapRequest>,
+    ) -> Result<Response<BootstrapReply>, Status> {
         reply(&self.cluster, self.bootstrap(request.into_inner()).await)
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let res = async {
-            let n = request.into_inner().node.ok_or(ApiError::InvalidArgument("node is required".into()))?;
+            let n = request
+                .into_inner()
+                .node
+                .ok_or(ApiError::InvalidArgument("node is required".into()))?;
             if n.node_id == 0 || n.addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(ApiError::InvalidArgument("node needs an id >= 1 and an ip:port address".into()));
+                return Err(ApiError::InvalidArgument(
+                    "node needs an id >= 1 and an ip:port address".into(),
+                ));
             }
-            let info = NodeInfo { addr: n.addr, http_addr: n.http_addr, zone: n.zone, state: NodeState::Active };
-            let epoch = self.cluster.propose_meta(MetaCommand::RegisterNode { node_id: n.node_id, info }).await?;
+            let info = NodeInfo {
+                addr: n.addr,
+                http_addr: n.http_addr,
+                zone: n.zone,
+                state: NodeState::Active,
+            };
+            let epoch = self
+                .cluster
+                .propose_meta(MetaCommand::RegisterNode {
+                    node_id: n.node_id,
+                    info,
+                })
+                .await?;
             Ok(JoinReply { epoch })
         }
         .await;
         reply(&self.cluster, res)
     }
 
-    async fn node_status(&self, _: Request<NodeStatusRequest>) -> Result<Response<NodeStatusReply>, Status> {
+    async fn node_status(
+        &self,
+        _: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusReply>, Status> {
         Ok(Response::new(self.node_status()))
     }
 
-    async fn cluster_status(&self, _: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusReply>, Status> {
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusReply>, Status> {
         reply(&self.cluster, self.cluster_status().await)
     }
 
-    async fn get_placement(&self, request: Request<GetPlacementRequest>) -> Result<Response<GetPlacementReply>, Status> {
+    async fn get_placement(
+        &self,
+        request: Request<GetPlacementRequest>,
+    ) -> Result<Response<GetPlacementReply>, Status> {
         let map = self.cluster.placement();
         let placement = if map.epoch > request.into_inner().known_epoch {
             encode(&*map).map_err(|e| Status::internal(e.to_string()))?
         } else {
             Vec::new()
         };
-        Ok(Response::new(GetPlacementReply { epoch: map.epoch, placement }))
+        Ok(Response::new(GetPlacementReply {
+            epoch: map.epoch,
+            placement,
+        }))
     }
 
-    async fn add_replica(&self, request: Request<ReplicaChangeRequest>) -> Result<Response<AdminReply>, Status> {
+    async fn add_replica(
+        &self,
+        request: Request<ReplicaChangeRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
         let fwd = is_forwarded(&request);
         let r = request.into_inner();
         let res = self.add_replica(r.group_id, r.node_id, fwd).await;
-        reply(&self.cluster, res.map(|epoch| AdminReply { epoch, detail: format!("node {} now votes in group {}", r.node_id, r.group_id) }))
+        reply(
+            &self.cluster,
+            res.map(|epoch| AdminReply {
+                epoch,
+                detail: format!("node {} now votes in group {}", r.node_id, r.group_id),
+            }),
+        )
     }
 
-    async fn remove_replica(&self, request: Request<ReplicaChangeRequest>) -> Result<Response<AdminReply>, Status> {
+    async fn remove_replica(
+        &self,
+        request: Request<ReplicaChangeRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
         let fwd = is_forwarded(&request);
         let r = request.into_inner();
         let res = self.remove_replica(r.group_id, r.node_id, fwd).await;
-        reply(&self.cluster, res.map(|epoch| AdminReply { epoch, detail: format!("node {} left group {}", r.node_id, r.group_id) }))
+        reply(
+            &self.cluster,
+            res.map(|epoch| AdminReply {
+                epoch,
+                detail: format!("node {} left group {}", r.node_id, r.group_id),
+            }),
+        )
     }
 
-    async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<AdminReply>, Status> {
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
         let fwd = is_forwarded(&request);
         let r = request.into_inner();
         let res = self.transfer_leader(r.group_id, r.to_node, fwd).await;
-        reply(&self.cluster, res.map(|epoch| AdminReply { epoch, detail: format!("node {} leads group {}", r.to_node, r.group_id) }))
+        reply(
+            &self.cluster,
+            res.map(|epoch| AdminReply {
+                epoch,
+                detail: format!("node {} leads group {}", r.to_node, r.group_id),
+            }),
+        )
     }
 
-    async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<AdminReply>, Status> {
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
         let res = self.drain(request.into_inner().node_id).await;
-        reply(&self.cluster, res.map(|(epoch, detail)| AdminReply { epoch, detail }))
+        reply(
+            &self.cluster,
+            res.map(|(epoch, detail)| AdminReply { epoch, detail }),
+        )
     }
 
-    async fn set_faults(&self, request: Request<SetFaultsRequest>) -> Result<Response<AdminReply>, Status> {
+    async fn set_faults(
+        &self,
+        request: Request<SetFaultsRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
         if !self.cluster.config.fault_injection {
             return reply(&self.cluster, Err(ApiError::FaultInjectionDisabled));
         }
         let r = request.into_inner();
-        self.cluster.pool().faults.set_blocked(r.blocked_peers.iter().copied());
+        self.cluster
+            .pool()
+            .faults
+            .set_blocked(r.blocked_peers.iter().copied());
         self.cluster.replicas.engine().inject_disk_full(r.disk_full);
         tracing::warn!(blocked = ?r.blocked_peers, disk_full = r.disk_full, "fault injection changed");
-        Ok(Response::new(AdminReply { epoch: self.cluster.placement().epoch, detail: "faults set".into() }))
+        Ok(Response::new(AdminReply {
+            epoch: self.cluster.placement().epoch,
+            detail: "faults set".into(),
+        }))
     }
 
-    async fn propose_meta(&self, request: Request<MetaProposal>) -> Result<Response<MetaProposal>, Status> {
+    async fn propose_meta(
+        &self,
+        request: Request<MetaProposal>,
+    ) -> Result<Response<MetaProposal>, Status> {
         let r = request.into_inner();
         let res = async {
-            let cmd: MetaCommand = decode(&r.command).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            let cmd: MetaCommand =
+                decode(&r.command).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
             let resp: MetaResponse = self.cluster.propose_meta_raw(cmd, r.hops).await?;
-            Ok(MetaProposal { command: encode(&resp).map_err(|e| ApiError::Internal(e.to_string()))?, hops: r.hops })
+            Ok(MetaProposal {
+                command: encode(&resp).map_err(|e| ApiError::Internal(e.to_string()))?,
+                hops: r.hops,
+            })
         }
         .await;
         reply(&self.cluster, res)

@@ -36,7 +36,12 @@ pub fn backoff(attempt: u32) -> Duration {
 
 impl Cluster {
     pub fn new(config: NodeConfig, replicas: Arc<Replicas>, metrics: Arc<Metrics>) -> Arc<Cluster> {
-        Arc::new(Cluster { config, replicas, metrics, leader_hints: Mutex::new(HashMap::new()) })
+        Arc::new(Cluster {
+            config,
+            replicas,
+            metrics,
+            leader_hints: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -69,10 +74,16 @@ impl Cluster {
     /// A gRPC channel to `node`, unless fault injection cut the link.
     pub fn channel_to(&self, node: NodeId) -> Result<Channel, ApiError> {
         if self.pool().faults.is_blocked(node) {
-            return Err(ApiError::Unavailable(format!("link to node {node} cut by fault injection")));
+            return Err(ApiError::Unavailable(format!(
+                "link to node {node} cut by fault injection"
+            )));
         }
-        let addr = self.node_addr(node).ok_or_else(|| ApiError::Unavailable(format!("address of node {node} unknown")))?;
-        self.pool().channel(&addr).map_err(|e| ApiError::Unavailable(e.to_string()))
+        let addr = self
+            .node_addr(node)
+            .ok_or_else(|| ApiError::Unavailable(format!("address of node {node} unknown")))?;
+        self.pool()
+            .channel(&addr)
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
     }
 
     /// Who leads `group`, as far as this node knows.
@@ -82,13 +93,21 @@ impl Cluster {
                 return Some(l);
             }
         }
-        if let Some(l) = self.leader_hints.lock().ok().and_then(|h| h.get(&group).copied()) {
+        if let Some(l) = self
+            .leader_hints
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&group).copied())
+        {
             return Some(l);
         }
         if group == METADATA_GROUP {
             return self.placement().metadata_voters.first().copied();
         }
-        self.placement().groups.get(&group).and_then(|g| g.voters.first().copied())
+        self.placement()
+            .groups
+            .get(&group)
+            .and_then(|g| g.voters.first().copied())
     }
 
     pub fn note_leader(&self, group: GroupId, leader: Option<NodeId>) {
@@ -102,29 +121,47 @@ impl Cluster {
 
     /// The local replica of `group` if it is the leader.
     pub fn local_leader(&self, group: GroupId) -> Option<GroupRaft> {
-        self.replicas.get(group).filter(|r| r.metrics().borrow_watched().state == ServerState::Leader)
+        self.replicas
+            .get(group)
+            .filter(|r| r.metrics().borrow_watched().state == ServerState::Leader)
     }
 
     /// Proposes `cmd` on the local replica of `group` and waits for it to be committed and applied.
-    pub async fn propose_local(&self, group: GroupId, raft: &GroupRaft, cmd: Command) -> Result<CommandResponse, ApiError> {
+    pub async fn propose_local(
+        &self,
+        group: GroupId,
+        raft: &GroupRaft,
+        cmd: Command,
+    ) -> Result<CommandResponse, ApiError> {
         if self.replicas.engine().is_disk_full() {
-            return Err(ApiError::DiskFull { node: self.node_id() });
+            return Err(ApiError::DiskFull {
+                node: self.node_id(),
+            });
         }
         let started = Instant::now();
         let res = tokio::time::timeout(self.request_timeout(), raft.client_write(cmd)).await;
         match res {
-            Err(_) => Err(ApiError::Timeout(format!("group {group}: not committed within the deadline"))),
+            Err(_) => Err(ApiError::Timeout(format!(
+                "group {group}: not committed within the deadline"
+            ))),
             Ok(Ok(resp)) => {
-                self.metrics.raft_commit_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .raft_commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 Ok(resp.data)
             }
             Ok(Err(e)) => match e.into_api_error() {
                 Some(ClientWriteError::ForwardToLeader(f)) => {
                     self.note_leader(group, f.leader_id);
-                    Err(ApiError::NotLeader { group, leader: f.leader_id })
+                    Err(ApiError::NotLeader {
+                        group,
+                        leader: f.leader_id,
+                    })
                 }
                 Some(other) => Err(ApiError::Unavailable(format!("group {group}: {other}"))),
-                None => Err(ApiError::Unavailable(format!("group {group}: replica stopped"))),
+                None => Err(ApiError::Unavailable(format!(
+                    "group {group}: replica stopped"
+                ))),
             },
         }
     }
@@ -138,7 +175,11 @@ impl Cluster {
     }
 
     /// As [`Self::propose_meta`], returning the raw response; `hops` counts forwards so far.
-    pub async fn propose_meta_raw(&self, cmd: MetaCommand, hops: u32) -> Result<MetaResponse, ApiError> {
+    pub async fn propose_meta_raw(
+        &self,
+        cmd: MetaCommand,
+        hops: u32,
+    ) -> Result<MetaResponse, ApiError> {
         let deadline = Instant::now() + self.request_timeout();
         let mut attempt = 0;
         loop {
@@ -154,28 +195,49 @@ impl Cluster {
         }
     }
 
-    async fn try_propose_meta(&self, cmd: &MetaCommand, hops: u32) -> Result<MetaResponse, ApiError> {
+    async fn try_propose_meta(
+        &self,
+        cmd: &MetaCommand,
+        hops: u32,
+    ) -> Result<MetaResponse, ApiError> {
         if let Some(raft) = self.local_leader(METADATA_GROUP) {
-            return match self.propose_local(METADATA_GROUP, &raft, Command::Meta(cmd.clone())).await? {
+            return match self
+                .propose_local(METADATA_GROUP, &raft, Command::Meta(cmd.clone()))
+                .await?
+            {
                 CommandResponse::Meta(r) => Ok(r),
-                other => Err(ApiError::Internal(format!("unexpected metadata response {other:?}"))),
+                other => Err(ApiError::Internal(format!(
+                    "unexpected metadata response {other:?}"
+                ))),
             };
         }
         if hops >= 2 {
-            return Err(ApiError::NotLeader { group: METADATA_GROUP, leader: self.leader_of(METADATA_GROUP) });
+            return Err(ApiError::NotLeader {
+                group: METADATA_GROUP,
+                leader: self.leader_of(METADATA_GROUP),
+            });
         }
-        let leader = self
-            .leader_of(METADATA_GROUP)
-            .ok_or(ApiError::NotLeader { group: METADATA_GROUP, leader: None })?;
+        let leader = self.leader_of(METADATA_GROUP).ok_or(ApiError::NotLeader {
+            group: METADATA_GROUP,
+            leader: None,
+        })?;
         if leader == self.node_id() {
-            return Err(ApiError::NotLeader { group: METADATA_GROUP, leader: None });
+            return Err(ApiError::NotLeader {
+                group: METADATA_GROUP,
+                leader: None,
+            });
         }
         let mut client = AdminClient::new(self.channel_to(leader)?);
         let command = encode(cmd).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let mut req = tonic::Request::new(MetaProposal { command, hops: hops + 1 });
+        let mut req = tonic::Request::new(MetaProposal {
+            command,
+            hops: hops + 1,
+        });
         req.set_timeout(self.request_timeout());
         match client.propose_meta(req).await {
-            Ok(reply) => decode(&reply.into_inner().command).map_err(|e| ApiError::Internal(e.to_string())),
+            Ok(reply) => {
+                decode(&reply.into_inner().command).map_err(|e| ApiError::Internal(e.to_string()))
+            }
             Err(status) => {
                 let e = ApiError::from_status(&status);
                 if let ApiError::NotLeader { leader, .. } = &e {
@@ -183,7 +245,10 @@ impl Cluster {
                 } else {
                     // The hinted node may be down: try the next metadata voter next time.
                     let voters = self.placement().metadata_voters.clone();
-                    let next = voters.iter().position(|v| *v == leader).map(|i| voters[(i + 1) % voters.len()]);
+                    let next = voters
+                        .iter()
+                        .position(|v| *v == leader)
+                        .map(|i| voters[(i + 1) % voters.len()]);
                     self.note_leader(METADATA_GROUP, next);
                 }
                 Err(e)

@@ -51,7 +51,7 @@ impl Default for NodeConfig {
             max_payload_bytes: 256 * 1024,
             request_timeout_ms: 10_000,
             heartbeat_ms: 100,
-            election_timeout_ms: 1_000,
+            election_timeout_ms: 600,
             snapshot_every_entries: 20_000,
             min_free_disk_bytes: 64 * 1024 * 1024,
             fault_injection: false,
@@ -63,9 +63,15 @@ impl Default for NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -73,13 +79,21 @@ pub enum ConfigError {
 impl NodeConfig {
     /// Reads a TOML file (fields as in [`NodeConfig`]).
     pub fn from_file(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
     }
 
     /// The address peers should use.
     pub fn advertised(&self) -> String {
-        self.advertise.clone().unwrap_or_else(|| self.listen.clone())
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.clone())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -87,13 +101,21 @@ impl NodeConfig {
             return Err(ConfigError::Invalid("node_id must be set and >= 1".into()));
         }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > 16 * 1024 * 1024 {
-            return Err(ConfigError::Invalid("max_payload_bytes must be in 1..=16 MiB".into()));
+            return Err(ConfigError::Invalid(
+                "max_payload_bytes must be in 1..=16 MiB".into(),
+            ));
         }
-        if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
-            return Err(ConfigError::Invalid("election_timeout_ms must be at least 3x heartbeat_ms".into()));
+        if self.heartbeat_ms == 0 || self.election_timeout_ms < 4 * self.heartbeat_ms {
+            return Err(ConfigError::Invalid(
+                "election_timeout_ms must be at least 4x heartbeat_ms".into(),
+            ));
         }
-        if self.listen.parse::<std::net::SocketAddr>().is_err() || self.http.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ConfigError::Invalid("listen and http must be ip:port socket addresses".into()));
+        if self.listen.parse::<std::net::SocketAddr>().is_err()
+            || self.http.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid(
+                "listen and http must be ip:port socket addresses".into(),
+            ));
         }
         Ok(())
     }
@@ -103,15 +125,19 @@ impl NodeConfig {
         let c = openraft::Config {
             cluster_name: "parley".into(),
             heartbeat_interval: self.heartbeat_ms,
+            // Under load, replication traffic proves liveness; skip redundant heartbeats.
+            heartbeat_min_interval: Some(self.heartbeat_ms),
             election_timeout_min: self.election_timeout_ms,
-            election_timeout_max: self.election_timeout_ms * 2,
+            // openraft's leader lease equals the max timeout; keep failover near one second.
+            election_timeout_max: self.election_timeout_ms * 3 / 2,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
             max_in_snapshot_log_to_keep: 1_000,
             install_snapshot_timeout: 10_000,
             enable_pre_vote: Some(true),
             ..Default::default()
         };
-        c.validate().map_err(|e| ConfigError::Invalid(e.to_string()))
+        c.validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 }
 
@@ -123,7 +149,11 @@ mod tests {
     fn file_values_and_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("node.toml");
-        std::fs::write(&path, "node_id = 7\nlisten = \"127.0.0.1:7100\"\nmax_payload_bytes = 1024\n").expect("write");
+        std::fs::write(
+            &path,
+            "node_id = 7\nlisten = \"127.0.0.1:7100\"\nmax_payload_bytes = 1024\n",
+        )
+        .expect("write");
         let c = NodeConfig::from_file(&path).expect("parse");
         assert_eq!(c.node_id, 7);
         assert_eq!(c.max_payload_bytes, 1024);
@@ -137,10 +167,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("node.toml");
         std::fs::write(&path, "node_id = \"seven\"").expect("write");
-        assert!(matches!(NodeConfig::from_file(&path), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            NodeConfig::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
         std::fs::write(&path, "no_such_field = 1").expect("write");
-        assert!(matches!(NodeConfig::from_file(&path), Err(ConfigError::Parse { .. })));
-        assert!(matches!(NodeConfig::from_file(&dir.path().join("missing.toml")), Err(ConfigError::Read { .. })));
-        assert!(matches!(NodeConfig::default().validate(), Err(ConfigError::Invalid(_))));
+        assert!(matches!(
+            NodeConfig::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            NodeConfig::from_file(&dir.path().join("missing.toml")),
+            Err(ConfigError::Read { .. })
+        ));
+        assert!(matches!(
+            NodeConfig::default().validate(),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 }

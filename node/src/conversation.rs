@@ -32,7 +32,9 @@ fn check_id(field: &str, value: &str, allow_empty: bool) -> Result<(), ApiError>
         return Err(ApiError::InvalidArgument(format!("{field} is empty")));
     }
     if value.len() > MAX_ID_BYTES {
-        return Err(ApiError::InvalidArgument(format!("{field} is longer than {MAX_ID_BYTES} bytes")));
+        return Err(ApiError::InvalidArgument(format!(
+            "{field} is longer than {MAX_ID_BYTES} bytes"
+        )));
     }
     Ok(())
 }
@@ -43,13 +45,19 @@ pub fn validate_append(req: &AppendRequest, max_payload: usize) -> Result<(), Ap
     check_id("sender", &req.sender, false)?;
     check_id("client_msg_id", &req.client_msg_id, false)?;
     if req.payload.len() > max_payload {
-        return Err(ApiError::PayloadTooLarge { size: req.payload.len(), limit: max_payload });
+        return Err(ApiError::PayloadTooLarge {
+            size: req.payload.len(),
+            limit: max_payload,
+        });
     }
     Ok(())
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// What one attempt produced: a reply, or an error and whether to retry.
@@ -65,7 +73,9 @@ impl ConversationService {
             return Err(ApiError::NotBootstrapped);
         }
         let slot = slot_of(conversation);
-        let (group, _) = placement.group_for_slot(slot).ok_or(ApiError::Moved { epoch: placement.epoch })?;
+        let (group, _) = placement.group_for_slot(slot).ok_or(ApiError::Moved {
+            epoch: placement.epoch,
+        })?;
         Ok((group, slot))
     }
 
@@ -114,22 +124,46 @@ impl ConversationService {
                 payload: req.payload.clone(),
             });
             return match self.cluster.propose_local(group, &raft, cmd).await {
-                Ok(CommandResponse::Appended { seq, server_time_ms, duplicate }) => {
+                Ok(CommandResponse::Appended {
+                    seq,
+                    server_time_ms,
+                    duplicate,
+                }) => {
                     let result = if duplicate { "duplicate" } else { "ok" };
-                    self.cluster.metrics.appends_total.with_label_values(&[result]).inc();
-                    Ok(Attempt::Done(AppendReply { seq, server_time_ms, duplicate, group_id: group }))
+                    self.cluster
+                        .metrics
+                        .appends_total
+                        .with_label_values(&[result])
+                        .inc();
+                    Ok(Attempt::Done(AppendReply {
+                        seq,
+                        server_time_ms,
+                        duplicate,
+                        group_id: group,
+                    }))
                 }
-                Ok(CommandResponse::Moved { epoch }) => Ok(Attempt::Retry(ApiError::Moved { epoch })),
-                Ok(other) => Err(ApiError::Internal(format!("unexpected append response {other:?}"))),
+                Ok(CommandResponse::Moved { epoch }) => {
+                    Ok(Attempt::Retry(ApiError::Moved { epoch }))
+                }
+                Ok(other) => Err(ApiError::Internal(format!(
+                    "unexpected append response {other:?}"
+                ))),
                 Err(e) => Self::classify(e),
             };
         }
         let Some(target) = self.forward_target(group, req.hops) else {
-            return Ok(Attempt::Retry(ApiError::NotLeader { group, leader: None }));
+            return Ok(Attempt::Retry(ApiError::NotLeader {
+                group,
+                leader: None,
+            }));
         };
         let mut fwd = req.clone();
         fwd.hops += 1;
-        self.cluster.metrics.forwarded_total.with_label_values(&["append"]).inc();
+        self.cluster
+            .metrics
+            .forwarded_total
+            .with_label_values(&["append"])
+            .inc();
         let channel = match self.cluster.channel_to(target) {
             Ok(c) => c,
             Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
@@ -151,29 +185,57 @@ impl ConversationService {
         if hops >= MAX_HOPS {
             return None;
         }
-        self.cluster.leader_of(group).filter(|l| *l != self.cluster.node_id()).or_else(|| {
-            // No leader known: ask another voter, which may know.
-            let p = self.cluster.placement();
-            p.groups.get(&group)?.voters.iter().copied().find(|v| *v != self.cluster.node_id())
-        })
+        self.cluster
+            .leader_of(group)
+            .filter(|l| *l != self.cluster.node_id())
+            .or_else(|| {
+                // No leader known: ask another voter, which may know.
+                let p = self.cluster.placement();
+                p.groups
+                    .get(&group)?
+                    .voters
+                    .iter()
+                    .copied()
+                    .find(|v| *v != self.cluster.node_id())
+            })
     }
 
-    fn forward_failed<T>(cluster: &Cluster, group: GroupId, target: NodeId, e: ApiError) -> Result<Attempt<T>, ApiError> {
+    fn forward_failed<T>(
+        cluster: &Cluster,
+        group: GroupId,
+        target: NodeId,
+        e: ApiError,
+    ) -> Result<Attempt<T>, ApiError> {
         // Rotate to another voter next time.
-        let voters = cluster.placement().groups.get(&group).map(|g| g.voters.clone()).unwrap_or_default();
-        let next = voters.iter().position(|v| *v == target).map(|i| voters[(i + 1) % voters.len()]);
+        let voters = cluster
+            .placement()
+            .groups
+            .get(&group)
+            .map(|g| g.voters.clone())
+            .unwrap_or_default();
+        let next = voters
+            .iter()
+            .position(|v| *v == target)
+            .map(|i| voters[(i + 1) % voters.len()]);
         cluster.note_leader(group, next);
         Ok(Attempt::Retry(e))
     }
 
-    fn forward_status<T>(cluster: &Cluster, group: GroupId, target: NodeId, status: Status) -> Result<Attempt<T>, ApiError> {
+    fn forward_status<T>(
+        cluster: &Cluster,
+        group: GroupId,
+        target: NodeId,
+        status: Status,
+    ) -> Result<Attempt<T>, ApiError> {
         let e = ApiError::from_status(&status);
         if !e.is_retryable() {
             // Pass the peer's typed error through unchanged.
             return Err(ApiError::forwarded(&status));
         }
         match &e {
-            ApiError::NotLeader { leader: Some(l), .. } if *l != target => cluster.note_leader(group, Some(*l)),
+            ApiError::NotLeader {
+                leader: Some(l), ..
+            } if *l != target => cluster.note_leader(group, Some(*l)),
             _ => return Self::forward_failed(cluster, group, target, e),
         }
         Ok(Attempt::Retry(e))
@@ -193,7 +255,11 @@ impl ConversationService {
                 }));
             }
             let engine = self.cluster.replicas.engine().clone();
-            let (conv, from, limit) = (req.conversation_id.clone(), req.from_seq, req.limit.min(MAX_READ_LIMIT) as usize);
+            let (conv, from, limit) = (
+                req.conversation_id.clone(),
+                req.from_seq,
+                req.limit.min(MAX_READ_LIMIT) as usize,
+            );
             let (entries, last_seq) = tokio::task::spawn_blocking(move || {
                 GroupStateMachine::read_conversation(&engine, group, &conv, from, limit)
             })
@@ -213,11 +279,18 @@ impl ConversationService {
             return Ok(Attempt::Done(ReadReply { entries, last_seq }));
         }
         let Some(target) = self.forward_target(group, req.hops) else {
-            return Ok(Attempt::Retry(ApiError::NotLeader { group, leader: None }));
+            return Ok(Attempt::Retry(ApiError::NotLeader {
+                group,
+                leader: None,
+            }));
         };
         let mut fwd = req.clone();
         fwd.hops += 1;
-        self.cluster.metrics.forwarded_total.with_label_values(&["read"]).inc();
+        self.cluster
+            .metrics
+            .forwarded_total
+            .with_label_values(&["read"])
+            .inc();
         let channel = match self.cluster.channel_to(target) {
             Ok(c) => c,
             Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
@@ -231,21 +304,34 @@ impl ConversationService {
     }
 
     fn record_error(&self, service: &str, e: &ApiError) {
-        self.cluster.metrics.grpc_errors_total.with_label_values(&[service, e.code()]).inc();
+        self.cluster
+            .metrics
+            .grpc_errors_total
+            .with_label_values(&[service, e.code()])
+            .inc();
         if service == "append" {
-            self.cluster.metrics.appends_total.with_label_values(&[e.code()]).inc();
+            self.cluster
+                .metrics
+                .appends_total
+                .with_label_values(&[e.code()])
+                .inc();
         }
     }
 }
 
 #[tonic::async_trait]
 impl ConversationLog for ConversationService {
-    async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendReply>, Status> {
+    async fn append(
+        &self,
+        request: Request<AppendRequest>,
+    ) -> Result<Response<AppendReply>, Status> {
         let req = request.into_inner();
         let res = async {
             validate_append(&req, self.cluster.config.max_payload_bytes)?;
             if self.cluster.replicas.engine().is_disk_full() {
-                return Err(ApiError::DiskFull { node: self.cluster.node_id() });
+                return Err(ApiError::DiskFull {
+                    node: self.cluster.node_id(),
+                });
             }
             if req.hops > 0 {
                 // A forwarded request is tried once here; the first node owns the retry loop.
@@ -303,20 +389,45 @@ mod tests {
     #[test]
     fn appends_are_validated_with_typed_errors() {
         assert_eq!(validate_append(&req("c", 10), 10), Ok(()));
-        assert_eq!(validate_append(&req("c", 11), 10), Err(ApiError::PayloadTooLarge { size: 11, limit: 10 }));
-        assert!(matches!(validate_append(&req("", 1), 10), Err(ApiError::InvalidArgument(_))));
-        assert!(matches!(validate_append(&req(&"x".repeat(MAX_ID_BYTES + 1), 1), 10), Err(ApiError::InvalidArgument(_))));
+        assert_eq!(
+            validate_append(&req("c", 11), 10),
+            Err(ApiError::PayloadTooLarge {
+                size: 11,
+                limit: 10
+            })
+        );
+        assert!(matches!(
+            validate_append(&req("", 1), 10),
+            Err(ApiError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            validate_append(&req(&"x".repeat(MAX_ID_BYTES + 1), 1), 10),
+            Err(ApiError::InvalidArgument(_))
+        ));
         let mut no_key = req("c", 1);
         no_key.client_msg_id.clear();
-        assert!(matches!(validate_append(&no_key, 10), Err(ApiError::InvalidArgument(_))));
+        assert!(matches!(
+            validate_append(&no_key, 10),
+            Err(ApiError::InvalidArgument(_))
+        ));
     }
 
     #[test]
     fn error_codes_survive_the_wire() {
         let status: Status = ApiError::Moved { epoch: 9 }.into();
         assert_eq!(ApiError::from_status(&status), ApiError::Moved { epoch: 9 });
-        let status: Status = ApiError::NotLeader { group: 3, leader: Some(2) }.into();
-        assert_eq!(ApiError::from_status(&status), ApiError::NotLeader { group: 0, leader: Some(2) });
+        let status: Status = ApiError::NotLeader {
+            group: 3,
+            leader: Some(2),
+        }
+        .into();
+        assert_eq!(
+            ApiError::from_status(&status),
+            ApiError::NotLeader {
+                group: 0,
+                leader: Some(2)
+            }
+        );
         let status: Status = ApiError::PayloadTooLarge { size: 2, limit: 1 }.into();
         assert!(!ApiError::from_status(&status).is_retryable());
     }

@@ -19,7 +19,10 @@ pub enum ApiError {
     PayloadTooLarge { size: usize, limit: usize },
     /// The node is not the leader and could not forward. Retry (on another node).
     #[error("group {group} has no reachable leader (last known: {leader:?})")]
-    NotLeader { group: GroupId, leader: Option<NodeId> },
+    NotLeader {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
     /// The request was routed with an old placement; refresh and retry.
     #[error("slot moved; placement epoch is now {epoch}")]
     Moved { epoch: u64 },
@@ -46,7 +49,11 @@ pub enum ApiError {
     Internal(String),
     /// A peer's non-retryable error, passed through unchanged when forwarding.
     #[error("{message}")]
-    Forwarded { code: String, grpc_code: i32, message: String },
+    Forwarded {
+        code: String,
+        grpc_code: i32,
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -72,7 +79,10 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ApiError::NotLeader { .. } | ApiError::Moved { .. } | ApiError::Timeout(_) | ApiError::Unavailable(_)
+            ApiError::NotLeader { .. }
+                | ApiError::Moved { .. }
+                | ApiError::Timeout(_)
+                | ApiError::Unavailable(_)
         )
     }
 
@@ -93,20 +103,43 @@ impl ApiError {
 
     /// Keeps a peer's status as it is, to hand back to the caller.
     pub fn forwarded(status: &Status) -> ApiError {
-        let code = status.metadata().get(ERROR_CODE_KEY).and_then(|v| v.to_str().ok()).unwrap_or("internal");
-        ApiError::Forwarded { code: code.to_string(), grpc_code: status.code() as i32, message: status.message().to_string() }
+        let code = status
+            .metadata()
+            .get(ERROR_CODE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("internal");
+        ApiError::Forwarded {
+            code: code.to_string(),
+            grpc_code: status.code() as i32,
+            message: status.message().to_string(),
+        }
     }
 
     /// Rebuilds an error from a peer's status (used when forwarding).
     pub fn from_status(status: &Status) -> ApiError {
-        let code = status.metadata().get(ERROR_CODE_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let num = |key: &str| status.metadata().get(key).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let code = status
+            .metadata()
+            .get(ERROR_CODE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let num = |key: &str| {
+            status
+                .metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        };
         let msg = status.message().to_string();
         match code {
             "invalid_argument" => ApiError::InvalidArgument(msg),
             "payload_too_large" => ApiError::InvalidArgument(msg),
-            "not_leader" => ApiError::NotLeader { group: 0, leader: num(LEADER_KEY) },
-            "moved" => ApiError::Moved { epoch: num(EPOCH_KEY).unwrap_or(0) },
+            "not_leader" => ApiError::NotLeader {
+                group: 0,
+                leader: num(LEADER_KEY),
+            },
+            "moved" => ApiError::Moved {
+                epoch: num(EPOCH_KEY).unwrap_or(0),
+            },
             "not_bootstrapped" => ApiError::NotBootstrapped,
             "disk_full" => ApiError::DiskFull { node: 0 },
             "timeout" => ApiError::Timeout(msg),
@@ -132,7 +165,9 @@ impl From<ApiError> for Status {
                     status.metadata_mut().insert(EPOCH_KEY, v);
                 }
             }
-            ApiError::NotLeader { leader: Some(l), .. } => {
+            ApiError::NotLeader {
+                leader: Some(l), ..
+            } => {
                 if let Ok(v) = l.to_string().parse() {
                     status.metadata_mut().insert(LEADER_KEY, v);
                 }

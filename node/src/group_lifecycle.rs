@@ -32,7 +32,11 @@ pub struct GroupLifecycle {
 impl GroupLifecycle {
     pub fn new(cluster: Arc<Cluster>) -> Arc<Self> {
         let joined = cluster.config.join.is_empty();
-        Arc::new(GroupLifecycle { cluster, ready: AtomicBool::new(false), joined: AtomicBool::new(joined) })
+        Arc::new(GroupLifecycle {
+            cluster,
+            ready: AtomicBool::new(false),
+            joined: AtomicBool::new(joined),
+        })
     }
 
     /// Runs until the process ends.
@@ -47,7 +51,8 @@ impl GroupLifecycle {
             self.refresh_placement().await;
             let placement = self.cluster.placement();
             if placement.epoch > 0 {
-                self.reconcile(&placement, &mut leader_since, &mut last_transfer).await;
+                self.reconcile(&placement, &mut leader_since, &mut last_transfer)
+                    .await;
             }
             if last_gauges.elapsed() >= Duration::from_secs(1) {
                 self.update_gauges(&placement);
@@ -59,10 +64,19 @@ impl GroupLifecycle {
 
     async fn try_join(&self) {
         let c = &self.cluster.config;
-        let me = NodeAddress { node_id: c.node_id, addr: c.advertised(), http_addr: c.http.clone(), zone: c.zone.clone() };
+        let me = NodeAddress {
+            node_id: c.node_id,
+            addr: c.advertised(),
+            http_addr: c.http.clone(),
+            zone: c.zone.clone(),
+        };
         for peer in &c.join {
-            let Ok(channel) = self.cluster.pool().channel(peer) else { continue };
-            let mut req = tonic::Request::new(JoinRequest { node: Some(me.clone()) });
+            let Ok(channel) = self.cluster.pool().channel(peer) else {
+                continue;
+            };
+            let mut req = tonic::Request::new(JoinRequest {
+                node: Some(me.clone()),
+            });
             req.set_timeout(Duration::from_secs(5));
             match AdminClient::new(channel).join(req).await {
                 Ok(_) => {
@@ -81,7 +95,9 @@ impl GroupLifecycle {
         // Metadata voters get the map from their own state machine.
         let meta = self.cluster.replicas.get(METADATA_GROUP);
         if let Some(raft) = &meta {
-            if raft.metrics().borrow_watched().current_leader.is_some() && current.metadata_voters.contains(&self.cluster.node_id()) {
+            if raft.metrics().borrow_watched().current_leader.is_some()
+                && current.metadata_voters.contains(&self.cluster.node_id())
+            {
                 return;
             }
         }
@@ -99,8 +115,12 @@ impl GroupLifecycle {
         addrs.extend(self.cluster.config.join.iter().cloned());
         addrs.dedup();
         for addr in addrs {
-            let Ok(channel) = self.cluster.pool().channel(&addr) else { continue };
-            let mut req = tonic::Request::new(GetPlacementRequest { known_epoch: current.epoch });
+            let Ok(channel) = self.cluster.pool().channel(&addr) else {
+                continue;
+            };
+            let mut req = tonic::Request::new(GetPlacementRequest {
+                known_epoch: current.epoch,
+            });
             req.set_timeout(Duration::from_secs(1));
             if let Ok(reply) = AdminClient::new(channel).get_placement(req).await {
                 let reply = reply.into_inner();
@@ -136,7 +156,8 @@ impl GroupLifecycle {
                 self.initialize_group(placement, *group, &raft).await;
                 continue;
             }
-            self.prefer_leader(*group, &gp.voters, &raft, leader_since, last_transfer).await;
+            self.prefer_leader(*group, &gp.voters, &raft, leader_since, last_transfer)
+                .await;
         }
         // Replicas the map no longer assigns here: the group's membership already excludes us.
         for (group, _) in self.cluster.replicas.hosted() {
@@ -156,11 +177,22 @@ impl GroupLifecycle {
     /// leads then assigns the slot range and marks the group initialized in the placement.
     async fn initialize_group(&self, placement: &PlacementMap, group: GroupId, raft: &GroupRaft) {
         let gp = &placement.groups[&group];
-        if gp.voters.first() == Some(&self.cluster.node_id()) && matches!(raft.is_initialized().await, Ok(false)) {
+        if gp.voters.first() == Some(&self.cluster.node_id())
+            && matches!(raft.is_initialized().await, Ok(false))
+        {
             let members: BTreeMap<u64, BasicNode> = gp
                 .voters
                 .iter()
-                .filter_map(|v| placement.nodes.get(v).map(|n| (*v, BasicNode { addr: n.addr.clone() })))
+                .filter_map(|v| {
+                    placement.nodes.get(v).map(|n| {
+                        (
+                            *v,
+                            BasicNode {
+                                addr: n.addr.clone(),
+                            },
+                        )
+                    })
+                })
                 .collect();
             match raft.initialize(members).await {
                 Ok(()) => tracing::info!(group, "group initialized"),
@@ -168,9 +200,22 @@ impl GroupLifecycle {
             }
         }
         if let Some(leader) = self.cluster.local_leader(group) {
-            let cmd = Command::AssignSlots { start: gp.slot_start, end: gp.slot_end, epoch: placement.epoch };
-            if self.cluster.propose_local(group, &leader, cmd).await.is_ok() {
-                if let Err(e) = self.cluster.propose_meta(MetaCommand::GroupInitialized { group }).await {
+            let cmd = Command::AssignSlots {
+                start: gp.slot_start,
+                end: gp.slot_end,
+                epoch: placement.epoch,
+            };
+            if self
+                .cluster
+                .propose_local(group, &leader, cmd)
+                .await
+                .is_ok()
+            {
+                if let Err(e) = self
+                    .cluster
+                    .propose_meta(MetaCommand::GroupInitialized { group })
+                    .await
+                {
                     tracing::warn!(group, error = %e, "cannot record group initialization");
                 }
             }
@@ -193,10 +238,14 @@ impl GroupLifecycle {
             return;
         }
         let since = *leader_since.entry(group).or_insert_with(Instant::now);
-        let Some(&preferred) = voters.first() else { return };
+        let Some(&preferred) = voters.first() else {
+            return;
+        };
         if preferred == self.cluster.node_id()
             || since.elapsed() < LEADER_SETTLE
-            || last_transfer.get(&group).is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+            || last_transfer
+                .get(&group)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
             || self.cluster.pool().faults.is_blocked(preferred)
         {
             return;
@@ -209,7 +258,11 @@ impl GroupLifecycle {
             .map(|l| l.index)
             .unwrap_or(0);
         if matched + 10 >= last && matched > 0 {
-            tracing::info!(group, to = preferred, "handing leadership to the preferred leader");
+            tracing::info!(
+                group,
+                to = preferred,
+                "handing leadership to the preferred leader"
+            );
             last_transfer.insert(group, Instant::now());
             let _ = raft.trigger().transfer_leader(preferred).await;
         }
@@ -227,7 +280,10 @@ impl GroupLifecycle {
             if m.state == ServerState::Leader {
                 leaders += 1;
             }
-            let lag = m.last_log_index.unwrap_or(0).saturating_sub(m.last_applied.as_ref().map(|l| l.index).unwrap_or(0));
+            let lag = m
+                .last_log_index
+                .unwrap_or(0)
+                .saturating_sub(m.last_applied.as_ref().map(|l| l.index).unwrap_or(0));
             max_lag = max_lag.max(lag);
             let expected = if *group == METADATA_GROUP {
                 placement.metadata_voters.contains(&self.cluster.node_id())
@@ -250,7 +306,10 @@ impl GroupLifecycle {
                 if low {
                     tracing::error!(free, "free disk space below the floor: refusing writes");
                 } else {
-                    tracing::info!(free, "free disk space back above the floor: accepting writes");
+                    tracing::info!(
+                        free,
+                        "free disk space back above the floor: accepting writes"
+                    );
                 }
             }
         }

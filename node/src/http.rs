@@ -26,14 +26,25 @@ pub fn router(metrics: Arc<Metrics>, lifecycle: Arc<GroupLifecycle>) -> Router {
         .with_state(HttpState { metrics, lifecycle })
 }
 
-async fn metrics_text(State(s): State<HttpState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+async fn metrics_text(
+    State(s): State<HttpState>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
 }
 
 async fn ready(State(s): State<HttpState>) -> (StatusCode, &'static str) {
     if s.lifecycle.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not bootstrapped or catching up")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: not bootstrapped or catching up",
+        )
     }
 }

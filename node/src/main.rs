@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Administer a running cluster through one of its nodes.
     Admin(AdminArgs),
 }
@@ -74,8 +74,19 @@ impl RunArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
-        set!(node_id, listen, http, data_dir, zone, max_payload_bytes, request_timeout_ms, heartbeat_ms,
-             election_timeout_ms, snapshot_every_entries, min_free_disk_bytes);
+        set!(
+            node_id,
+            listen,
+            http,
+            data_dir,
+            zone,
+            max_payload_bytes,
+            request_timeout_ms,
+            heartbeat_ms,
+            election_timeout_ms,
+            snapshot_every_entries,
+            min_free_disk_bytes
+        );
         if self.advertise.is_some() {
             c.advertise = self.advertise;
         }
@@ -138,9 +149,16 @@ enum AdminCommand {
 }
 
 fn parse_node(spec: &str) -> anyhow::Result<NodeAddress> {
-    let (id, addrs) = spec.split_once('=').context("expected ID=GRPC_ADDR[,HTTP_ADDR]")?;
+    let (id, addrs) = spec
+        .split_once('=')
+        .context("expected ID=GRPC_ADDR[,HTTP_ADDR]")?;
     let (addr, http) = addrs.split_once(',').unwrap_or((addrs, ""));
-    Ok(NodeAddress { node_id: id.parse().context("node id")?, addr: addr.into(), http_addr: http.into(), zone: String::new() })
+    Ok(NodeAddress {
+        node_id: id.parse().context("node id")?,
+        addr: addr.into(),
+        http_addr: http.into(),
+        zone: String::new(),
+    })
 }
 
 async fn admin(args: AdminArgs) -> anyhow::Result<()> {
@@ -151,13 +169,31 @@ async fn admin(args: AdminArgs) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to {}", args.endpoint))?;
     let mut c = AdminClient::new(channel);
     match args.command {
-        AdminCommand::Bootstrap { nodes, shard_groups } => {
-            let nodes = nodes.iter().map(|s| parse_node(s)).collect::<anyhow::Result<Vec<_>>>()?;
-            let r = c.bootstrap(BootstrapRequest { nodes, shard_groups }).await?.into_inner();
-            println!("bootstrapped: epoch {}, {} shard groups", r.epoch, r.shard_groups);
+        AdminCommand::Bootstrap {
+            nodes,
+            shard_groups,
+        } => {
+            let nodes = nodes
+                .iter()
+                .map(|s| parse_node(s))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let r = c
+                .bootstrap(BootstrapRequest {
+                    nodes,
+                    shard_groups,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "bootstrapped: epoch {}, {} shard groups",
+                r.epoch, r.shard_groups
+            );
         }
         AdminCommand::Status { json } => {
-            let s = c.cluster_status(ClusterStatusRequest {}).await?.into_inner();
+            let s = c
+                .cluster_status(ClusterStatusRequest {})
+                .await?
+                .into_inner();
             if json {
                 println!("{s:#?}");
             } else {
@@ -165,19 +201,40 @@ async fn admin(args: AdminArgs) -> anyhow::Result<()> {
             }
         }
         AdminCommand::AddReplica { group, node } => {
-            let r = c.add_replica(ReplicaChangeRequest { group_id: group, node_id: node }).await?.into_inner();
+            let r = c
+                .add_replica(ReplicaChangeRequest {
+                    group_id: group,
+                    node_id: node,
+                })
+                .await?
+                .into_inner();
             println!("{} (epoch {})", r.detail, r.epoch);
         }
         AdminCommand::RemoveReplica { group, node } => {
-            let r = c.remove_replica(ReplicaChangeRequest { group_id: group, node_id: node }).await?.into_inner();
+            let r = c
+                .remove_replica(ReplicaChangeRequest {
+                    group_id: group,
+                    node_id: node,
+                })
+                .await?
+                .into_inner();
             println!("{} (epoch {})", r.detail, r.epoch);
         }
         AdminCommand::TransferLeader { group, to } => {
-            let r = c.transfer_leader(TransferLeaderRequest { group_id: group, to_node: to }).await?.into_inner();
+            let r = c
+                .transfer_leader(TransferLeaderRequest {
+                    group_id: group,
+                    to_node: to,
+                })
+                .await?
+                .into_inner();
             println!("{} (epoch {})", r.detail, r.epoch);
         }
         AdminCommand::Drain { node } => {
-            let r = c.drain_node(DrainNodeRequest { node_id: node }).await?.into_inner();
+            let r = c
+                .drain_node(DrainNodeRequest { node_id: node })
+                .await?
+                .into_inner();
             println!("{} (epoch {})", r.detail, r.epoch);
         }
     }
@@ -185,15 +242,32 @@ async fn admin(args: AdminArgs) -> anyhow::Result<()> {
 }
 
 fn print_status(s: &ClusterStatusReply) {
-    println!("placement epoch {}, metadata leader {}", s.epoch, s.metadata_leader);
-    println!("{:<6} {:<22} {:<9} {:<10} {:>8} {:>8} {:<6}", "node", "address", "state", "reachable", "replicas", "leaders", "ready");
+    println!(
+        "placement epoch {}, metadata leader {}",
+        s.epoch, s.metadata_leader
+    );
+    println!(
+        "{:<6} {:<22} {:<9} {:<10} {:>8} {:>8} {:<6}",
+        "node", "address", "state", "reachable", "replicas", "leaders", "ready"
+    );
     for n in &s.nodes {
         let a = n.address.clone().unwrap_or_default();
-        println!("{:<6} {:<22} {:<9} {:<10} {:>8} {:>8} {:<6}", a.node_id, a.addr, n.state, n.reachable, n.replicas, n.leaders, n.ready);
+        println!(
+            "{:<6} {:<22} {:<9} {:<10} {:>8} {:>8} {:<6}",
+            a.node_id, a.addr, n.state, n.reachable, n.replicas, n.leaders, n.ready
+        );
     }
-    println!("{:<6} {:<12} {:<14} {:<8} {:>6} {:>10} {:>8}", "group", "slots", "voters", "leader", "term", "commit", "max lag");
+    println!(
+        "{:<6} {:<12} {:<14} {:<8} {:>6} {:>10} {:>8}",
+        "group", "slots", "voters", "leader", "term", "commit", "max lag"
+    );
     for g in &s.groups {
-        let voters = g.voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+        let voters = g
+            .voters
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         println!(
             "{:<6} {:<12} {:<14} {:<8} {:>6} {:>10} {:>8}",
             g.group_id,
@@ -226,13 +300,17 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
             let config = args.into_config()?;
-            parley_node::server::run(config, shutdown_signal()).await
+            parley_node::server::run(config, shutdown_signal()).await?;
+            // Everything acknowledged is synced. Exit now rather than racing RocksDB's
+            // background threads through static destructors.
+            std::process::exit(0)
         }
         Command::Admin(args) => admin(args).await,
     }

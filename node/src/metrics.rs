@@ -1,7 +1,8 @@
 //! Prometheus metrics of a node, served on the admin port at `/metrics`.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric a node exports. Names are part of the dashboards' and alerts' contract.
@@ -33,8 +34,11 @@ impl Metrics {
         let latency = exponential_buckets(0.0002, 2.0, 16).unwrap_or_default();
         let m = Metrics {
             raft_commit_seconds: Histogram::with_opts(
-                HistogramOpts::new("parley_raft_commit_seconds", "Propose-to-apply latency on the leader")
-                    .buckets(latency.clone()),
+                HistogramOpts::new(
+                    "parley_raft_commit_seconds",
+                    "Propose-to-apply latency on the leader",
+                )
+                .buckets(latency.clone()),
             )
             .expect("valid metric"),
             appends_total: IntCounterVec::new(
@@ -43,32 +47,53 @@ impl Metrics {
             )
             .expect("valid metric"),
             forwarded_total: IntCounterVec::new(
-                Opts::new("parley_forwarded_total", "Requests forwarded to another node"),
+                Opts::new(
+                    "parley_forwarded_total",
+                    "Requests forwarded to another node",
+                ),
                 &["service"],
             )
             .expect("valid metric"),
             grpc_errors_total: IntCounterVec::new(
-                Opts::new("parley_grpc_errors_total", "gRPC requests answered with an error"),
+                Opts::new(
+                    "parley_grpc_errors_total",
+                    "gRPC requests answered with an error",
+                ),
                 &["service", "code"],
             )
             .expect("valid metric"),
-            apply_lag_entries: IntGauge::new("parley_apply_lag_entries", "Max entries logged but not applied")
+            apply_lag_entries: IntGauge::new(
+                "parley_apply_lag_entries",
+                "Max entries logged but not applied",
+            )
+            .expect("valid metric"),
+            leaders: IntGauge::new("parley_raft_leaders", "Groups this node leads")
                 .expect("valid metric"),
-            leaders: IntGauge::new("parley_raft_leaders", "Groups this node leads").expect("valid metric"),
-            replicas: IntGauge::new("parley_raft_replicas", "Group replicas this node hosts").expect("valid metric"),
+            replicas: IntGauge::new("parley_raft_replicas", "Group replicas this node hosts")
+                .expect("valid metric"),
             placement_epoch: IntGauge::new("parley_placement_epoch", "Newest placement epoch seen")
                 .expect("valid metric"),
-            rocksdb_size_bytes: IntGauge::new("parley_rocksdb_size_bytes", "Live RocksDB data (SST + memtables)")
-                .expect("valid metric"),
-            disk_full: IntGauge::new("parley_disk_full", "1 while writes are refused for lack of disk space")
-                .expect("valid metric"),
+            rocksdb_size_bytes: IntGauge::new(
+                "parley_rocksdb_size_bytes",
+                "Live RocksDB data (SST + memtables)",
+            )
+            .expect("valid metric"),
+            disk_full: IntGauge::new(
+                "parley_disk_full",
+                "1 while writes are refused for lack of disk space",
+            )
+            .expect("valid metric"),
             wal_sync_seconds: Histogram::with_opts(
-                HistogramOpts::new("parley_wal_sync_seconds", "WAL fsync duration").buckets(latency),
+                HistogramOpts::new("parley_wal_sync_seconds", "WAL fsync duration")
+                    .buckets(latency),
             )
             .expect("valid metric"),
             wal_sync_batch: Histogram::with_opts(
-                HistogramOpts::new("parley_wal_sync_batch", "Log appends made durable per fsync")
-                    .buckets(exponential_buckets(1.0, 2.0, 12).unwrap_or_default()),
+                HistogramOpts::new(
+                    "parley_wal_sync_batch",
+                    "Log appends made durable per fsync",
+                )
+                .buckets(exponential_buckets(1.0, 2.0, 12).unwrap_or_default()),
             )
             .expect("valid metric"),
             registry,
@@ -96,7 +121,10 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()

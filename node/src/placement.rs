@@ -101,15 +101,38 @@ pub struct PlacementMap {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
     /// One-time creation of the registry and the initial shard groups.
-    Bootstrap { nodes: BTreeMap<NodeId, NodeInfo>, shard_groups: u32 },
-    RegisterNode { node_id: NodeId, info: NodeInfo },
-    SetNodeState { node_id: NodeId, state: NodeState },
-    GroupInitialized { group: GroupId },
-    AddLearner { group: GroupId, node: NodeId },
-    PromoteLearner { group: GroupId, node: NodeId },
-    RemoveReplica { group: GroupId, node: NodeId },
+    Bootstrap {
+        nodes: BTreeMap<NodeId, NodeInfo>,
+        shard_groups: u32,
+    },
+    RegisterNode {
+        node_id: NodeId,
+        info: NodeInfo,
+    },
+    SetNodeState {
+        node_id: NodeId,
+        state: NodeState,
+    },
+    GroupInitialized {
+        group: GroupId,
+    },
+    AddLearner {
+        group: GroupId,
+        node: NodeId,
+    },
+    PromoteLearner {
+        group: GroupId,
+        node: NodeId,
+    },
+    RemoveReplica {
+        group: GroupId,
+        node: NodeId,
+    },
     /// Reorders voters so `node` is the preferred leader.
-    SetPreferredLeader { group: GroupId, node: NodeId },
+    SetPreferredLeader {
+        group: GroupId,
+        node: NodeId,
+    },
 }
 
 /// Outcome of a [`MetaCommand`].
@@ -149,7 +172,10 @@ pub enum PlacementError {
 impl PlacementMap {
     /// The shard group that owns `slot`.
     pub fn group_for_slot(&self, slot: Slot) -> Option<(GroupId, &GroupPlacement)> {
-        self.groups.iter().find(|(_, g)| g.owns(slot)).map(|(id, g)| (*id, g))
+        self.groups
+            .iter()
+            .find(|(_, g)| g.owns(slot))
+            .map(|(id, g)| (*id, g))
     }
 
     /// Replicas (voters and learners) held by each active or draining node.
@@ -183,7 +209,8 @@ impl PlacementMap {
             .iter()
             .filter(|(id, n)| n.state == NodeState::Active && !g.hosts(**id))
             .min_by_key(|(id, n)| {
-                let zone_penalty = usize::from(!n.zone.is_empty() && used_zones.contains(n.zone.as_str()));
+                let zone_penalty =
+                    usize::from(!n.zone.is_empty() && used_zones.contains(n.zone.as_str()));
                 (zone_penalty, counts.get(id).copied().unwrap_or(0), **id)
             })
             .map(|(id, _)| *id)
@@ -205,7 +232,10 @@ impl PlacementMap {
             return Err(PlacementError::NotBootstrapped);
         }
         match cmd {
-            MetaCommand::Bootstrap { nodes, shard_groups } => {
+            MetaCommand::Bootstrap {
+                nodes,
+                shard_groups,
+            } => {
                 if self.epoch != 0 {
                     return Err(PlacementError::AlreadyBootstrapped { epoch: self.epoch });
                 }
@@ -214,7 +244,10 @@ impl PlacementMap {
                 }
                 let max = SLOT_COUNT / 16;
                 if *shard_groups == 0 || *shard_groups > max {
-                    return Err(PlacementError::WrongGroupCount { got: *shard_groups, max });
+                    return Err(PlacementError::WrongGroupCount {
+                        got: *shard_groups,
+                        max,
+                    });
                 }
                 self.nodes = nodes.clone();
                 self.metadata_voters = nodes.keys().copied().collect();
@@ -222,14 +255,24 @@ impl PlacementMap {
                 let per = SLOT_COUNT / shard_groups;
                 for i in 0..*shard_groups {
                     let start = i * per;
-                    let end = if i + 1 == *shard_groups { SLOT_COUNT - 1 } else { start + per - 1 };
+                    let end = if i + 1 == *shard_groups {
+                        SLOT_COUNT - 1
+                    } else {
+                        start + per - 1
+                    };
                     // Rotate the voter order so preferred leaders spread evenly.
                     let voters = (0..REPLICATION_FACTOR)
                         .map(|k| ids[(i as usize + k) % ids.len()])
                         .collect();
                     self.groups.insert(
                         GroupId::from(i) + 1,
-                        GroupPlacement { slot_start: start, slot_end: end, voters, learners: vec![], initialized: false },
+                        GroupPlacement {
+                            slot_start: start,
+                            slot_end: end,
+                            voters,
+                            learners: vec![],
+                            initialized: false,
+                        },
                     );
                 }
                 Ok(())
@@ -237,14 +280,26 @@ impl PlacementMap {
             MetaCommand::RegisterNode { node_id, info } => {
                 if let Some(existing) = self.nodes.get(node_id) {
                     if existing.addr != info.addr && existing.state != NodeState::Removed {
-                        return Err(PlacementError::AddressConflict { node: *node_id, existing: existing.addr.clone() });
+                        return Err(PlacementError::AddressConflict {
+                            node: *node_id,
+                            existing: existing.addr.clone(),
+                        });
                     }
                 }
-                self.nodes.insert(*node_id, NodeInfo { state: NodeState::Active, ..info.clone() });
+                self.nodes.insert(
+                    *node_id,
+                    NodeInfo {
+                        state: NodeState::Active,
+                        ..info.clone()
+                    },
+                );
                 Ok(())
             }
             MetaCommand::SetNodeState { node_id, state } => {
-                let node = self.nodes.get_mut(node_id).ok_or(PlacementError::UnknownNode(*node_id))?;
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or(PlacementError::UnknownNode(*node_id))?;
                 node.state = *state;
                 Ok(())
             }
@@ -253,13 +308,22 @@ impl PlacementMap {
                 Ok(())
             }
             MetaCommand::AddLearner { group, node } => {
-                let info = self.nodes.get(node).ok_or(PlacementError::UnknownNode(*node))?;
+                let info = self
+                    .nodes
+                    .get(node)
+                    .ok_or(PlacementError::UnknownNode(*node))?;
                 if info.state != NodeState::Active {
-                    return Err(PlacementError::NodeNotActive { node: *node, state: info.state });
+                    return Err(PlacementError::NodeNotActive {
+                        node: *node,
+                        state: info.state,
+                    });
                 }
                 let g = self.group_mut(*group)?;
                 if g.hosts(*node) {
-                    return Err(PlacementError::AlreadyHosted { group: *group, node: *node });
+                    return Err(PlacementError::AlreadyHosted {
+                        group: *group,
+                        node: *node,
+                    });
                 }
                 g.learners.push(*node);
                 Ok(())
@@ -269,10 +333,14 @@ impl PlacementMap {
                 if g.voters.contains(node) {
                     return Ok(());
                 }
-                let pos = g.learners.iter().position(|n| n == node).ok_or(PlacementError::NotHosted {
-                    group: *group,
-                    node: *node,
-                })?;
+                let pos =
+                    g.learners
+                        .iter()
+                        .position(|n| n == node)
+                        .ok_or(PlacementError::NotHosted {
+                            group: *group,
+                            node: *node,
+                        })?;
                 g.learners.remove(pos);
                 g.voters.push(*node);
                 Ok(())
@@ -283,22 +351,33 @@ impl PlacementMap {
                     g.learners.remove(pos);
                     return Ok(());
                 }
-                let pos = g.voters.iter().position(|n| n == node).ok_or(PlacementError::NotHosted {
-                    group: *group,
-                    node: *node,
-                })?;
+                let pos =
+                    g.voters
+                        .iter()
+                        .position(|n| n == node)
+                        .ok_or(PlacementError::NotHosted {
+                            group: *group,
+                            node: *node,
+                        })?;
                 if g.voters.len() <= REPLICATION_FACTOR {
-                    return Err(PlacementError::BelowReplicationFactor { group: *group, left: g.voters.len() - 1 });
+                    return Err(PlacementError::BelowReplicationFactor {
+                        group: *group,
+                        left: g.voters.len() - 1,
+                    });
                 }
                 g.voters.remove(pos);
                 Ok(())
             }
             MetaCommand::SetPreferredLeader { group, node } => {
                 let g = self.group_mut(*group)?;
-                let pos = g.voters.iter().position(|n| n == node).ok_or(PlacementError::NotHosted {
-                    group: *group,
-                    node: *node,
-                })?;
+                let pos =
+                    g.voters
+                        .iter()
+                        .position(|n| n == node)
+                        .ok_or(PlacementError::NotHosted {
+                            group: *group,
+                            node: *node,
+                        })?;
                 g.voters.swap(0, pos);
                 Ok(())
             }
@@ -306,7 +385,9 @@ impl PlacementMap {
     }
 
     fn group_mut(&mut self, group: GroupId) -> Result<&mut GroupPlacement, PlacementError> {
-        self.groups.get_mut(&group).ok_or(PlacementError::UnknownGroup(group))
+        self.groups
+            .get_mut(&group)
+            .ok_or(PlacementError::UnknownGroup(group))
     }
 }
 
@@ -315,13 +396,26 @@ mod tests {
     use super::*;
 
     fn node(addr: &str) -> NodeInfo {
-        NodeInfo { addr: addr.into(), http_addr: String::new(), zone: String::new(), state: NodeState::Active }
+        NodeInfo {
+            addr: addr.into(),
+            http_addr: String::new(),
+            zone: String::new(),
+            state: NodeState::Active,
+        }
     }
 
     fn bootstrapped(groups: u32) -> PlacementMap {
         let mut map = PlacementMap::default();
-        let nodes = (1..=3).map(|i| (i, node(&format!("127.0.0.1:{i}")))).collect();
-        assert_eq!(map.apply(&MetaCommand::Bootstrap { nodes, shard_groups: groups }), MetaResponse::Ok { epoch: 1 });
+        let nodes = (1..=3)
+            .map(|i| (i, node(&format!("127.0.0.1:{i}"))))
+            .collect();
+        assert_eq!(
+            map.apply(&MetaCommand::Bootstrap {
+                nodes,
+                shard_groups: groups
+            }),
+            MetaResponse::Ok { epoch: 1 }
+        );
         map
     }
 
@@ -346,21 +440,36 @@ mod tests {
             assert_eq!(g.voters.iter().collect::<BTreeSet<_>>().len(), 3);
             *preferred.entry(g.voters[0]).or_insert(0) += 1;
         }
-        assert_eq!(preferred.values().copied().collect::<Vec<_>>(), vec![4, 4, 4]);
+        assert_eq!(
+            preferred.values().copied().collect::<Vec<_>>(),
+            vec![4, 4, 4]
+        );
     }
 
     #[test]
     fn bootstrap_is_one_time_and_validated() {
         let mut map = bootstrapped(4);
-        let again = MetaCommand::Bootstrap { nodes: map.nodes.clone(), shard_groups: 4 };
-        assert_eq!(map.apply(&again), MetaResponse::Refused(PlacementError::AlreadyBootstrapped { epoch: 1 }));
+        let again = MetaCommand::Bootstrap {
+            nodes: map.nodes.clone(),
+            shard_groups: 4,
+        };
+        assert_eq!(
+            map.apply(&again),
+            MetaResponse::Refused(PlacementError::AlreadyBootstrapped { epoch: 1 })
+        );
         let mut fresh = PlacementMap::default();
         let two = (1..=2).map(|i| (i, node("a"))).collect();
         assert_eq!(
-            fresh.apply(&MetaCommand::Bootstrap { nodes: two, shard_groups: 4 }),
+            fresh.apply(&MetaCommand::Bootstrap {
+                nodes: two,
+                shard_groups: 4
+            }),
             MetaResponse::Refused(PlacementError::WrongNodeCount { got: 2 })
         );
-        assert_eq!(fresh.apply(&MetaCommand::GroupInitialized { group: 1 }), MetaResponse::Refused(PlacementError::NotBootstrapped));
+        assert_eq!(
+            fresh.apply(&MetaCommand::GroupInitialized { group: 1 }),
+            MetaResponse::Refused(PlacementError::NotBootstrapped)
+        );
     }
 
     #[test]
@@ -370,23 +479,41 @@ mod tests {
             map.apply(&MetaCommand::RemoveReplica { group: 1, node: 1 }),
             MetaResponse::Refused(PlacementError::BelowReplicationFactor { .. })
         ));
-        map.apply(&MetaCommand::RegisterNode { node_id: 4, info: node("127.0.0.1:4") });
+        map.apply(&MetaCommand::RegisterNode {
+            node_id: 4,
+            info: node("127.0.0.1:4"),
+        });
         assert_eq!(map.pick_target(1), Some(4));
-        assert!(matches!(map.apply(&MetaCommand::AddLearner { group: 1, node: 4 }), MetaResponse::Ok { .. }));
+        assert!(matches!(
+            map.apply(&MetaCommand::AddLearner { group: 1, node: 4 }),
+            MetaResponse::Ok { .. }
+        ));
         assert!(matches!(
             map.apply(&MetaCommand::AddLearner { group: 1, node: 4 }),
             MetaResponse::Refused(PlacementError::AlreadyHosted { .. })
         ));
-        assert!(matches!(map.apply(&MetaCommand::PromoteLearner { group: 1, node: 4 }), MetaResponse::Ok { .. }));
-        assert!(matches!(map.apply(&MetaCommand::RemoveReplica { group: 1, node: 1 }), MetaResponse::Ok { .. }));
+        assert!(matches!(
+            map.apply(&MetaCommand::PromoteLearner { group: 1, node: 4 }),
+            MetaResponse::Ok { .. }
+        ));
+        assert!(matches!(
+            map.apply(&MetaCommand::RemoveReplica { group: 1, node: 1 }),
+            MetaResponse::Ok { .. }
+        ));
         assert_eq!(map.groups[&1].voters, vec![2, 3, 4]);
     }
 
     #[test]
     fn draining_nodes_take_no_replicas() {
         let mut map = bootstrapped(2);
-        map.apply(&MetaCommand::RegisterNode { node_id: 4, info: node("x") });
-        map.apply(&MetaCommand::SetNodeState { node_id: 4, state: NodeState::Draining });
+        map.apply(&MetaCommand::RegisterNode {
+            node_id: 4,
+            info: node("x"),
+        });
+        map.apply(&MetaCommand::SetNodeState {
+            node_id: 4,
+            state: NodeState::Draining,
+        });
         assert_eq!(map.pick_target(1), None);
         assert!(matches!(
             map.apply(&MetaCommand::AddLearner { group: 1, node: 4 }),
@@ -398,10 +525,24 @@ mod tests {
     fn targets_prefer_unused_zones() {
         let mut map = bootstrapped(1);
         for (id, zone) in [(1, "a"), (2, "a"), (3, "b")] {
-            map.nodes.get_mut(&id).map(|n| n.zone = zone.into());
+            if let Some(n) = map.nodes.get_mut(&id) {
+                n.zone = zone.into();
+            }
         }
-        map.apply(&MetaCommand::RegisterNode { node_id: 4, info: NodeInfo { zone: "a".into(), ..node("4") } });
-        map.apply(&MetaCommand::RegisterNode { node_id: 5, info: NodeInfo { zone: "c".into(), ..node("5") } });
+        map.apply(&MetaCommand::RegisterNode {
+            node_id: 4,
+            info: NodeInfo {
+                zone: "a".into(),
+                ..node("4")
+            },
+        });
+        map.apply(&MetaCommand::RegisterNode {
+            node_id: 5,
+            info: NodeInfo {
+                zone: "c".into(),
+                ..node("5")
+            },
+        });
         assert_eq!(map.pick_target(1), Some(5));
     }
 }

@@ -87,7 +87,10 @@ impl Replicas {
         let tx = (group == METADATA_GROUP).then(|| self.placement_tx.clone());
         let sm = GroupStateMachine::open(self.engine.clone(), group, tx)?;
         let log = LogStore::new(self.engine.clone(), group);
-        let network = NetworkFactory { group, pool: self.pool.clone() };
+        let network = NetworkFactory {
+            group,
+            pool: self.pool.clone(),
+        };
         let raft = openraft::Raft::new(self.node_id, self.raft_config.clone(), network, log, sm)
             .await
             .map_err(std::io::Error::other)?;

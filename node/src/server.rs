@@ -25,13 +25,18 @@ use crate::transport::{Faults, PeerPool, RaftTransportService};
 const MAX_GRPC_MESSAGE: usize = 64 << 20;
 
 /// Runs a node until `shutdown` resolves.
-pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     config.validate()?;
     let raft_config = Arc::new(config.raft_config()?);
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::open(&config.data_dir, metrics.clone()).context("opening storage")?;
     let pool = PeerPool::new(config.node_id, Arc::new(Faults::default()));
-    let replicas = Replicas::open(config.node_id, engine, pool, raft_config).await.context("opening replicas")?;
+    let replicas = Replicas::open(config.node_id, engine, pool, raft_config)
+        .await
+        .context("opening replicas")?;
     let cluster = Cluster::new(config.clone(), replicas.clone(), metrics.clone());
     let lifecycle = GroupLifecycle::new(cluster.clone());
     tokio::spawn(lifecycle.clone().run());
@@ -40,16 +45,25 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
-            RaftTransportServer::new(RaftTransportService { replicas: replicas.clone() })
-                .max_decoding_message_size(MAX_GRPC_MESSAGE)
-                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+            RaftTransportServer::new(RaftTransportService {
+                replicas: replicas.clone(),
+            })
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE),
         )
         .add_service(
-            ConversationLogServer::new(ConversationService { cluster: cluster.clone() })
-                .max_decoding_message_size(MAX_GRPC_MESSAGE),
+            ConversationLogServer::new(ConversationService {
+                cluster: cluster.clone(),
+            })
+            .max_decoding_message_size(MAX_GRPC_MESSAGE),
         )
-        .add_service(AdminServer::new(AdminService { cluster: cluster.clone(), lifecycle: lifecycle.clone() }));
-    let http_listener = tokio::net::TcpListener::bind(&config.http).await.with_context(|| format!("binding {}", config.http))?;
+        .add_service(AdminServer::new(AdminService {
+            cluster: cluster.clone(),
+            lifecycle: lifecycle.clone(),
+        }));
+    let http_listener = tokio::net::TcpListener::bind(&config.http)
+        .await
+        .with_context(|| format!("binding {}", config.http))?;
     let http = axum::serve(http_listener, crate::http::router(metrics, lifecycle));
     tracing::info!(node = config.node_id, grpc = %config.listen, http = %config.http, "node started");
 
@@ -73,6 +87,7 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     replicas.shutdown().await;
     let _ = grpc_task.await;
     let _ = http_task.await;
+    replicas.engine().sync_now().context("final WAL sync")?;
     tracing::info!("node stopped");
     Ok(())
 }
@@ -93,7 +108,12 @@ async fn hand_off_leaderships(cluster: &Cluster, limit: Duration) {
             .membership()
             .voter_ids()
             .filter(|v| *v != me)
-            .max_by_key(|v| m.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map(|l| l.index));
+            .max_by_key(|v| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(v).cloned().flatten())
+                    .map(|l| l.index)
+            });
         if let Some(to) = target {
             let _ = raft.trigger().transfer_leader(to).await;
             tracing::info!(group, to, "leadership handed off");

@@ -31,8 +31,8 @@ use tokio::sync::watch;
 use crate::placement::{GroupId, PlacementMap, Slot};
 use crate::storage::{group_end, group_prefix, meta_key, Engine, CF_META, CF_STATE};
 use crate::types::{
-    decode, encode, AppendCommand, Command, CommandResponse, LogId, Snapshot, SnapshotData, SnapshotMeta,
-    StoredMembership, TypeConfig,
+    decode, encode, AppendCommand, Command, CommandResponse, LogId, Snapshot, SnapshotData,
+    SnapshotMeta, StoredMembership, TypeConfig,
 };
 
 const KEY_APPLIED: u8 = 0x01;
@@ -89,11 +89,23 @@ fn head_key(group: GroupId, conversation: &str) -> Vec<u8> {
 
 /// Key of message `seq` of a conversation.
 pub fn message_key(group: GroupId, conversation: &str, seq: u64) -> Vec<u8> {
-    state_key(group, KEY_MESSAGE, &[conversation.as_bytes(), &seq.to_be_bytes()])
+    state_key(
+        group,
+        KEY_MESSAGE,
+        &[conversation.as_bytes(), &seq.to_be_bytes()],
+    )
 }
 
 fn dedupe_key(group: GroupId, conversation: &str, sender: &str, client_msg_id: &str) -> Vec<u8> {
-    state_key(group, KEY_DEDUPE, &[conversation.as_bytes(), sender.as_bytes(), client_msg_id.as_bytes()])
+    state_key(
+        group,
+        KEY_DEDUPE,
+        &[
+            conversation.as_bytes(),
+            sender.as_bytes(),
+            client_msg_id.as_bytes(),
+        ],
+    )
 }
 
 /// The state machine of one group.
@@ -130,7 +142,12 @@ impl GroupStateMachine {
 
     fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> std::io::Result<Option<T>> {
         let cf = self.engine.cf_io(CF_STATE)?;
-        match self.engine.db().get_pinned_cf(cf, key).map_err(crate::storage::engine_io_err)? {
+        match self
+            .engine
+            .db()
+            .get_pinned_cf(cf, key)
+            .map_err(crate::storage::engine_io_err)?
+        {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
@@ -144,7 +161,9 @@ impl GroupStateMachine {
         self.applied = applied;
         self.membership = membership;
         self.slots = self.get(&state_key(self.group, KEY_SLOTS, &[]))?;
-        self.placement = self.get(&state_key(self.group, KEY_PLACEMENT, &[]))?.unwrap_or_default();
+        self.placement = self
+            .get(&state_key(self.group, KEY_PLACEMENT, &[]))?
+            .unwrap_or_default();
         if let Some(tx) = &self.placement_tx {
             let map = Arc::new(self.placement.clone());
             tx.send_if_modified(|cur| {
@@ -173,17 +192,28 @@ impl GroupStateMachine {
             return Ok(CommandResponse::Moved { epoch: range.epoch });
         }
         let cf = self.engine.cf_io(CF_STATE)?;
-        let dkey = dedupe_key(self.group, &cmd.conversation, &cmd.sender, &cmd.client_msg_id);
+        let dkey = dedupe_key(
+            self.group,
+            &cmd.conversation,
+            &cmd.sender,
+            &cmd.client_msg_id,
+        );
         let prior = match dedupe.get(&dkey) {
             Some(v) => Some(*v),
             None => self.get::<(u64, i64)>(&dkey)?,
         };
         if let Some((seq, server_time_ms)) = prior {
-            return Ok(CommandResponse::Appended { seq, server_time_ms, duplicate: true });
+            return Ok(CommandResponse::Appended {
+                seq,
+                server_time_ms,
+                duplicate: true,
+            });
         }
         let (last_seq, last_time) = match heads.get(&cmd.conversation) {
             Some(h) => *h,
-            None => self.get::<(u64, i64)>(&head_key(self.group, &cmd.conversation))?.unwrap_or((0, 0)),
+            None => self
+                .get::<(u64, i64)>(&head_key(self.group, &cmd.conversation))?
+                .unwrap_or((0, 0)),
         };
         let seq = last_seq + 1;
         let server_time_ms = cmd.proposed_at_ms.max(last_time);
@@ -193,12 +223,24 @@ impl GroupStateMachine {
             server_time_ms,
             payload: cmd.payload.clone(),
         };
-        batch.put_cf(cf, message_key(self.group, &cmd.conversation, seq), encode(&msg)?);
-        batch.put_cf(cf, head_key(self.group, &cmd.conversation), encode(&(seq, server_time_ms))?);
+        batch.put_cf(
+            cf,
+            message_key(self.group, &cmd.conversation, seq),
+            encode(&msg)?,
+        );
+        batch.put_cf(
+            cf,
+            head_key(self.group, &cmd.conversation),
+            encode(&(seq, server_time_ms))?,
+        );
         batch.put_cf(cf, &dkey, encode(&(seq, server_time_ms))?);
         heads.insert(cmd.conversation.clone(), (seq, server_time_ms));
         dedupe.insert(dkey, (seq, server_time_ms));
-        Ok(CommandResponse::Appended { seq, server_time_ms, duplicate: false })
+        Ok(CommandResponse::Appended {
+            seq,
+            server_time_ms,
+            duplicate: false,
+        })
     }
 
     fn apply_command(
@@ -212,8 +254,16 @@ impl GroupStateMachine {
         match cmd {
             Command::Append(a) if !is_meta => self.apply_append(a, batch, heads, dedupe),
             Command::AssignSlots { start, end, epoch } if !is_meta => {
-                let range = SlotRange { start: *start, end: *end, epoch: *epoch };
-                batch.put_cf(self.engine.cf_io(CF_STATE)?, state_key(self.group, KEY_SLOTS, &[]), encode(&range)?);
+                let range = SlotRange {
+                    start: *start,
+                    end: *end,
+                    epoch: *epoch,
+                };
+                batch.put_cf(
+                    self.engine.cf_io(CF_STATE)?,
+                    state_key(self.group, KEY_SLOTS, &[]),
+                    encode(&range)?,
+                );
                 self.slots = Some(range);
                 Ok(CommandResponse::SlotsAssigned)
             }
@@ -239,7 +289,12 @@ impl GroupStateMachine {
 
     fn descriptor(&self) -> std::io::Result<Option<SnapshotDescriptor>> {
         let cf = self.engine.cf_io(CF_META)?;
-        match self.engine.db().get_pinned_cf(cf, meta_key(self.group, TAG_SNAPSHOT)).map_err(crate::storage::engine_io_err)? {
+        match self
+            .engine
+            .db()
+            .get_pinned_cf(cf, meta_key(self.group, TAG_SNAPSHOT))
+            .map_err(crate::storage::engine_io_err)?
+        {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
@@ -256,7 +311,10 @@ impl GroupStateMachine {
         let cf = engine.cf_io(CF_STATE)?;
         let db = engine.db();
         let snap = db.snapshot();
-        let head: Option<(u64, i64)> = match snap.get_cf(cf, head_key(group, conversation)).map_err(crate::storage::engine_io_err)? {
+        let head: Option<(u64, i64)> = match snap
+            .get_cf(cf, head_key(group, conversation))
+            .map_err(crate::storage::engine_io_err)?
+        {
             Some(v) => Some(decode(&v)?),
             None => None,
         };
@@ -291,7 +349,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
-        Ok((self.applied.clone(), self.membership.clone()))
+        Ok((self.applied, self.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> std::io::Result<()>
@@ -323,9 +381,12 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         batch.put_cf(
             self.engine.cf_io(CF_STATE)?,
             state_key(self.group, KEY_APPLIED, &[]),
-            encode(&(self.applied.clone(), self.membership.clone()))?,
+            encode(&(self.applied, self.membership.clone()))?,
         );
-        self.engine.db().write(batch).map_err(crate::storage::engine_io_err)?;
+        self.engine
+            .db()
+            .write(batch)
+            .map_err(crate::storage::engine_io_err)?;
         if placement_changed {
             if let Some(tx) = &self.placement_tx {
                 let map = Arc::new(self.placement.clone());
@@ -346,10 +407,17 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { engine: self.engine.clone(), group: self.group }
+        SnapshotBuilder {
+            engine: self.engine.clone(),
+            group: self.group,
+        }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> std::io::Result<()> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> std::io::Result<()> {
         let engine = self.engine.clone();
         let group = self.group;
         let meta = meta.clone();
@@ -360,10 +428,15 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
-        let Some(desc) = self.descriptor()? else { return Ok(None) };
+        let Some(desc) = self.descriptor()? else {
+            return Ok(None);
+        };
         let path = self.engine.snapshot_dir().join(&desc.file);
         match std::fs::File::open(&path) {
-            Ok(file) => Ok(Some(Snapshot { meta: desc.meta, snapshot: file })),
+            Ok(file) => Ok(Some(Snapshot {
+                meta: desc.meta,
+                snapshot: file,
+            })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -411,14 +484,20 @@ fn read_record(r: &mut impl Read) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>>
     }
     let klen = u32::from_be_bytes(len) as usize;
     if klen > 1 << 20 {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot key too long"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "snapshot key too long",
+        ));
     }
     let mut key = vec![0u8; klen];
     r.read_exact(&mut key)?;
     r.read_exact(&mut len)?;
     let vlen = u32::from_be_bytes(len) as usize;
     if vlen > 64 << 20 {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot value too long"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "snapshot value too long",
+        ));
     }
     let mut value = vec![0u8; vlen];
     r.read_exact(&mut value)?;
@@ -429,11 +508,13 @@ fn build_snapshot_file(engine: &Engine, group: GroupId) -> std::io::Result<Snaps
     let db = engine.db();
     let cf = engine.cf_io(CF_STATE)?;
     let view = db.snapshot();
-    let (applied, membership): (Option<LogId>, StoredMembership) =
-        match view.get_cf(cf, state_key(group, KEY_APPLIED, &[])).map_err(crate::storage::engine_io_err)? {
-            Some(v) => decode(&v)?,
-            None => Default::default(),
-        };
+    let (applied, membership): (Option<LogId>, StoredMembership) = match view
+        .get_cf(cf, state_key(group, KEY_APPLIED, &[]))
+        .map_err(crate::storage::engine_io_err)?
+    {
+        Some(v) => decode(&v)?,
+        None => Default::default(),
+    };
     let file_name = snapshot_file_name(group, applied.as_ref());
     let dir = engine.snapshot_dir();
     let tmp = dir.join(format!("{file_name}.tmp"));
@@ -454,22 +535,44 @@ fn build_snapshot_file(engine: &Engine, group: GroupId) -> std::io::Result<Snaps
         w.get_ref().sync_all()?;
     }
     std::fs::rename(&tmp, dir.join(&file_name))?;
-    let meta = SnapshotMeta { last_log_id: applied, last_membership: membership };
+    let meta = SnapshotMeta {
+        last_log_id: applied,
+        last_membership: membership,
+    };
     set_current_snapshot(engine, group, &meta, &file_name)?;
     let file = std::fs::File::open(dir.join(&file_name))?;
-    Ok(Snapshot { meta, snapshot: file })
+    Ok(Snapshot {
+        meta,
+        snapshot: file,
+    })
 }
 
 /// Records `file_name` as the group's current snapshot and removes the previous file.
-fn set_current_snapshot(engine: &Engine, group: GroupId, meta: &SnapshotMeta, file_name: &str) -> std::io::Result<()> {
+fn set_current_snapshot(
+    engine: &Engine,
+    group: GroupId,
+    meta: &SnapshotMeta,
+    file_name: &str,
+) -> std::io::Result<()> {
     let cf = engine.cf_io(CF_META)?;
     let key = meta_key(group, TAG_SNAPSHOT);
-    let previous: Option<SnapshotDescriptor> = match engine.db().get_pinned_cf(cf, key).map_err(crate::storage::engine_io_err)? {
+    let previous: Option<SnapshotDescriptor> = match engine
+        .db()
+        .get_pinned_cf(cf, key)
+        .map_err(crate::storage::engine_io_err)?
+    {
         Some(v) => decode(&v).ok(),
         None => None,
     };
     let mut batch = WriteBatch::default();
-    batch.put_cf(cf, key, encode(&SnapshotDescriptor { meta: meta.clone(), file: file_name.to_string() })?);
+    batch.put_cf(
+        cf,
+        key,
+        encode(&SnapshotDescriptor {
+            meta: meta.clone(),
+            file: file_name.to_string(),
+        })?,
+    );
     engine.write_sync(batch)?;
     if let Some(prev) = previous {
         if prev.file != file_name {
@@ -490,7 +593,10 @@ fn install_snapshot_file(
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
     if &magic != SNAPSHOT_MAGIC {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a Parley snapshot"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a Parley snapshot",
+        ));
     }
     // One atomic batch: the group's state is either the old one or exactly the snapshot.
     let mut batch = WriteBatch::default();
@@ -503,7 +609,7 @@ fn install_snapshot_file(
     batch.put_cf(
         cf,
         state_key(group, KEY_APPLIED, &[]),
-        encode(&(meta.last_log_id.clone(), meta.last_membership.clone()))?,
+        encode(&(meta.last_log_id, meta.last_membership.clone()))?,
     );
     engine.write_sync(batch)?;
     // Keep the installed snapshot as this replica's current one, so it can serve it too.

@@ -13,8 +13,8 @@ use std::time::Duration;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, OptionalSend};
 use parley_proto::node::v1::raft_transport_client::RaftTransportClient;
@@ -43,7 +43,10 @@ impl Faults {
     }
 
     pub fn is_blocked(&self, peer: NodeId) -> bool {
-        self.blocked.read().map(|b| b.contains(&peer)).unwrap_or(false)
+        self.blocked
+            .read()
+            .map(|b| b.contains(&peer))
+            .unwrap_or(false)
     }
 }
 
@@ -57,7 +60,11 @@ pub struct PeerPool {
 
 impl PeerPool {
     pub fn new(node_id: NodeId, faults: Arc<Faults>) -> Arc<Self> {
-        Arc::new(PeerPool { node_id, channels: Mutex::new(HashMap::new()), faults })
+        Arc::new(PeerPool {
+            node_id,
+            channels: Mutex::new(HashMap::new()),
+            faults,
+        })
     }
 
     /// The shared channel to `addr` (host:port), created lazily.
@@ -87,7 +94,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerLink;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerLink {
-        PeerLink { group: self.group, target, addr: node.addr.clone(), pool: self.pool.clone() }
+        PeerLink {
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+            pool: self.pool.clone(),
+        }
     }
 }
 
@@ -102,15 +114,31 @@ pub struct PeerLink {
 impl PeerLink {
     fn client(&self) -> Result<RaftTransportClient<Channel>, Unreachable<TypeConfig>> {
         if self.pool.faults.is_blocked(self.target) {
-            return Err(Unreachable::from_string(format!("link to node {} cut by fault injection", self.target)));
+            return Err(Unreachable::from_string(format!(
+                "link to node {} cut by fault injection",
+                self.target
+            )));
         }
-        let channel = self.pool.channel(&self.addr).map_err(|e| Unreachable::new(&e))?;
-        Ok(RaftTransportClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+        let channel = self
+            .pool
+            .channel(&self.addr)
+            .map_err(|e| Unreachable::new(&e))?;
+        Ok(RaftTransportClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
     }
 
-    fn message<T: serde::Serialize>(&self, body: &T, option: &RPCOption) -> Result<Request<RaftMessage>, RPCError<TypeConfig>> {
+    fn message<T: serde::Serialize>(
+        &self,
+        body: &T,
+        option: &RPCOption,
+    ) -> Result<Request<RaftMessage>, RPCError<TypeConfig>> {
         let payload = encode(body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut req = Request::new(RaftMessage { group_id: self.group, from_node: self.pool.node_id, payload });
+        let mut req = Request::new(RaftMessage {
+            group_id: self.group,
+            from_node: self.pool.node_id,
+            payload,
+        });
         req.set_timeout(option.hard_ttl());
         Ok(req)
     }
@@ -119,14 +147,25 @@ impl PeerLink {
 fn status_to_rpc(status: Status) -> RPCError<TypeConfig> {
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::NotFound | tonic::Code::DeadlineExceeded => {
-            RPCError::Unreachable(Unreachable::from_string(format!("{}: {}", status.code(), status.message())))
+            RPCError::Unreachable(Unreachable::from_string(format!(
+                "{}: {}",
+                status.code(),
+                status.message()
+            )))
         }
-        _ => RPCError::Network(NetworkError::from_string(format!("{}: {}", status.code(), status.message()))),
+        _ => RPCError::Network(NetworkError::from_string(format!(
+            "{}: {}",
+            status.code(),
+            status.message()
+        ))),
     }
 }
 
-fn decode_reply<R: for<'de> serde::Deserialize<'de>>(msg: RaftMessage) -> Result<R, RPCError<TypeConfig>> {
-    let res: Result<R, String> = decode(&msg.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+fn decode_reply<R: for<'de> serde::Deserialize<'de>>(
+    msg: RaftMessage,
+) -> Result<R, RPCError<TypeConfig>> {
+    let res: Result<R, String> =
+        decode(&msg.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
     res.map_err(|e| RPCError::Network(NetworkError::from_string(e)))
 }
 
@@ -139,17 +178,29 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.message(&rpc, &option)?;
-        let reply = self.client()?.append_entries(req).await.map_err(status_to_rpc)?;
+        let reply = self
+            .client()?
+            .append_entries(req)
+            .await
+            .map_err(status_to_rpc)?;
         decode_reply(reply.into_inner())
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.message(&rpc, &option)?;
         let reply = self.client()?.vote(req).await.map_err(status_to_rpc)?;
         decode_reply(reply.into_inner())
     }
 
-    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.message(&rpc, &option)?;
         let reply = self.client()?.pre_vote(req).await.map_err(status_to_rpc)?;
         decode_reply(reply.into_inner())
@@ -161,7 +212,11 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.message(&rpc, &option)?;
-        let reply = self.client()?.transfer_leader(req).await.map_err(status_to_rpc)?;
+        let reply = self
+            .client()?
+            .transfer_leader(req)
+            .await
+            .map_err(status_to_rpc)?;
         decode_reply(reply.into_inner())
     }
 
@@ -172,7 +227,8 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let header = encode(&(vote, snapshot.meta.clone()))
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         let (group, from) = (self.group, self.pool.node_id);
         let mut file = snapshot.snapshot;
         // Read the file in chunks on a blocking thread and stream them.
@@ -188,7 +244,12 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                 };
                 buf.truncate(n);
                 let done = n == 0;
-                let chunk = SnapshotChunk { group_id: group, from_node: from, header: first.take().unwrap_or_default(), data: buf };
+                let chunk = SnapshotChunk {
+                    group_id: group,
+                    from_node: from,
+                    header: first.take().unwrap_or_default(),
+                    data: buf,
+                };
                 if tx.blocking_send(chunk).is_err() || done {
                     return;
                 }
@@ -197,10 +258,13 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         req.set_timeout(option.hard_ttl().max(Duration::from_secs(60)));
         let mut client = self.client().map_err(StreamingError::Unreachable)?;
-        let reply = client.install_snapshot(req).await.map_err(|s| match status_to_rpc(s) {
-            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
-            other => StreamingError::Network(NetworkError::new(&other)),
-        })?;
+        let reply = client
+            .install_snapshot(req)
+            .await
+            .map_err(|s| match status_to_rpc(s) {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                other => StreamingError::Network(NetworkError::new(&other)),
+            })?;
         decode_reply(reply.into_inner()).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
     }
 }
@@ -213,7 +277,11 @@ pub struct RaftTransportService {
 type RaftFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl RaftTransportService {
-    async fn dispatch<Req, Resp, F>(&self, msg: RaftMessage, call: F) -> Result<Response<RaftMessage>, Status>
+    async fn dispatch<Req, Resp, F>(
+        &self,
+        msg: RaftMessage,
+        call: F,
+    ) -> Result<Response<RaftMessage>, Status>
     where
         Req: for<'de> serde::Deserialize<'de>,
         Resp: serde::Serialize,
@@ -223,48 +291,87 @@ impl RaftTransportService {
             return Err(Status::unavailable("link cut by fault injection"));
         }
         let Some(raft) = self.replicas.get(msg.group_id) else {
-            return Err(Status::not_found(format!("group {} not hosted here", msg.group_id)));
+            return Err(Status::not_found(format!(
+                "group {} not hosted here",
+                msg.group_id
+            )));
         };
-        let req: Req = decode(&msg.payload).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+        let req: Req = decode(&msg.payload)
+            .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
         let res = call(&raft, req).await;
         let payload = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(RaftMessage { group_id: msg.group_id, from_node: self.replicas.node_id(), payload }))
+        Ok(Response::new(RaftMessage {
+            group_id: msg.group_id,
+            from_node: self.replicas.node_id(),
+            payload,
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl RaftTransport for RaftTransportService {
-    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.dispatch(request.into_inner(), |raft, req: AppendEntriesRequest<TypeConfig>| {
-            Box::pin(async move { raft.append_entries(req).await.map_err(|e| e.to_string()) })
-        })
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.dispatch(
+            request.into_inner(),
+            |raft, req: AppendEntriesRequest<TypeConfig>| {
+                Box::pin(async move { raft.append_entries(req).await.map_err(|e| e.to_string()) })
+            },
+        )
         .await
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.dispatch(request.into_inner(), |raft, req: VoteRequest<TypeConfig>| {
-            Box::pin(async move { raft.vote(req).await.map_err(|e| e.to_string()) })
-        })
+        self.dispatch(
+            request.into_inner(),
+            |raft, req: VoteRequest<TypeConfig>| {
+                Box::pin(async move { raft.vote(req).await.map_err(|e| e.to_string()) })
+            },
+        )
         .await
     }
 
-    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.dispatch(request.into_inner(), |raft, req: VoteRequest<TypeConfig>| {
-            Box::pin(async move { raft.pre_vote(req).await.map_err(|e| e.to_string()) })
-        })
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.dispatch(
+            request.into_inner(),
+            |raft, req: VoteRequest<TypeConfig>| {
+                Box::pin(async move { raft.pre_vote(req).await.map_err(|e| e.to_string()) })
+            },
+        )
         .await
     }
 
-    async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.dispatch(request.into_inner(), |raft, req: TransferLeaderRequest<TypeConfig>| {
-            Box::pin(async move { raft.handle_transfer_leader(req).await.map_err(|e| e.to_string()) })
-        })
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.dispatch(
+            request.into_inner(),
+            |raft, req: TransferLeaderRequest<TypeConfig>| {
+                Box::pin(async move {
+                    raft.handle_transfer_leader(req)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            },
+        )
         .await
     }
 
-    async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let mut stream = request.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         if self.replicas.pool().faults.is_blocked(first.from_node) {
             return Err(Status::unavailable("link cut by fault injection"));
         }
@@ -272,25 +379,47 @@ impl RaftTransport for RaftTransportService {
         let Some(raft) = self.replicas.get(group) else {
             return Err(Status::not_found(format!("group {group} not hosted here")));
         };
-        let (vote, meta): (Vote, SnapshotMeta) =
-            decode(&first.header).map_err(|e| Status::invalid_argument(format!("bad snapshot header: {e}")))?;
-        let path = self.replicas.engine().snapshot_dir().join(format!("incoming-g{group}-{}.tmp", rand::random::<u64>()));
-        let mut file = tokio::fs::File::create(&path).await.map_err(|e| Status::internal(e.to_string()))?;
+        let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header)
+            .map_err(|e| Status::invalid_argument(format!("bad snapshot header: {e}")))?;
+        let path = self
+            .replicas
+            .engine()
+            .snapshot_dir()
+            .join(format!("incoming-g{group}-{}.tmp", rand::random::<u64>()));
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         use tokio::io::AsyncWriteExt;
-        file.write_all(&first.data).await.map_err(|e| Status::internal(e.to_string()))?;
+        file.write_all(&first.data)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         while let Some(chunk) = stream.message().await? {
-            file.write_all(&chunk.data).await.map_err(|e| Status::internal(e.to_string()))?;
+            file.write_all(&chunk.data)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
         }
-        file.sync_all().await.map_err(|e| Status::internal(e.to_string()))?;
+        file.sync_all()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         drop(file);
         let file = std::fs::File::open(&path).map_err(|e| Status::internal(e.to_string()))?;
         // The file handle stays valid after unlinking; the state machine copies what it keeps.
         let _ = std::fs::remove_file(&path);
         let res = raft
-            .install_full_snapshot(vote, Snapshot { meta, snapshot: file })
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: file,
+                },
+            )
             .await
             .map_err(|e| e.to_string());
         let payload = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(RaftMessage { group_id: group, from_node: self.replicas.node_id(), payload }))
+        Ok(Response::new(RaftMessage {
+            group_id: group,
+            from_node: self.replicas.node_id(),
+            payload,
+        }))
     }
 }

@@ -38,8 +38,12 @@ pub enum Command {
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Command::Append(a) => write!(f, "append({}, {} bytes)", a.conversation, a.payload.len()),
-            Command::AssignSlots { start, end, epoch } => write!(f, "assign-slots({start}-{end}@{epoch})"),
+            Command::Append(a) => {
+                write!(f, "append({}, {} bytes)", a.conversation, a.payload.len())
+            }
+            Command::AssignSlots { start, end, epoch } => {
+                write!(f, "assign-slots({start}-{end}@{epoch})")
+            }
             Command::Meta(m) => write!(f, "meta({m:?})"),
         }
     }
@@ -50,9 +54,15 @@ impl std::fmt::Display for Command {
 pub enum CommandResponse {
     /// Blank and membership entries.
     None,
-    Appended { seq: u64, server_time_ms: i64, duplicate: bool },
+    Appended {
+        seq: u64,
+        server_time_ms: i64,
+        duplicate: bool,
+    },
     /// The group does not own the slot: the placement moved on.
-    Moved { epoch: u64 },
+    Moved {
+        epoch: u64,
+    },
     SlotsAssigned,
     Meta(MetaResponse),
     /// The command is not valid for this kind of group.

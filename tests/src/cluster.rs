@@ -248,6 +248,8 @@ impl Node {
         let mut command = Command::new(&self.binary);
         command
             .args(&self.args)
+            // Plain text logs: the output goes to a file, not a terminal.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr);
@@ -310,6 +312,11 @@ impl LocalCluster {
             Some(path) => path.clone(),
             None => node_binary()?,
         };
+        ensure!(
+            binary.is_file(),
+            "the parley-node binary {} does not exist",
+            binary.display()
+        );
         let (data_root, temp_root) = match &options.data_root {
             Some(root) => {
                 fs::create_dir_all(root)
@@ -377,7 +384,7 @@ impl LocalCluster {
             .build()
             .context("cannot build the HTTP client")?;
         // From here on, dropping `cluster` on an error kills what was started.
-        let cluster = Self {
+        let mut cluster = Self {
             nodes,
             shard_groups: options.shard_groups,
             startup_timeout: options.startup_timeout,
@@ -385,7 +392,14 @@ impl LocalCluster {
             temp_root,
             http,
         };
-        cluster.bring_up().await?;
+        if let Err(err) = cluster.bring_up().await {
+            // The logs explain the failure: keep them past the drop.
+            if let Some(temp) = cluster.temp_root.take() {
+                let _ = temp.keep();
+            }
+            let root = cluster.data_root.display().to_string();
+            return Err(err.context(format!("cluster startup failed; node logs are in {root}")));
+        }
         Ok(cluster)
     }
 
@@ -863,6 +877,6 @@ mod tests {
         let err = LocalCluster::start(options)
             .await
             .expect_err("the binary does not exist");
-        assert!(format!("{err:#}").contains("cannot start"), "{err:#}");
+        assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
     }
 }

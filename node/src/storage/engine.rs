@@ -17,11 +17,17 @@ pub const CF_STATE: &str = "state";
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("opening RocksDB at {path}: {source}")]
-    Open { path: PathBuf, source: rocksdb::Error },
+    Open {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
     #[error("RocksDB column family {0} missing")]
     MissingColumnFamily(&'static str),
     #[error("creating directory {path}: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 type SyncCallback = Box<dyn FnOnce(std::io::Result<()>) + Send>;
@@ -48,24 +54,40 @@ impl Engine {
     pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Arc<Engine>, StorageError> {
         let db_dir = dir.join("db");
         for d in [&db_dir, &dir.join("snapshots")] {
-            std::fs::create_dir_all(d).map_err(|source| StorageError::Dir { path: d.clone(), source })?;
+            std::fs::create_dir_all(d).map_err(|source| StorageError::Dir {
+                path: d.clone(),
+                source,
+            })?;
         }
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
-        let cfs = [CF_LOG, CF_META, CF_STATE].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, &db_dir, cfs)
-            .map_err(|source| StorageError::Open { path: db_dir.clone(), source })?;
+        let cfs = [CF_LOG, CF_META, CF_STATE]
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db =
+            DB::open_cf_descriptors(&opts, &db_dir, cfs).map_err(|source| StorageError::Open {
+                path: db_dir.clone(),
+                source,
+            })?;
         let db = Arc::new(db);
         let (sync_tx, sync_rx) = mpsc::channel::<SyncCallback>();
         let sync_db = db.clone();
         std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || wal_sync_loop(sync_db, sync_rx, metrics))
-            .map_err(|source| StorageError::Dir { path: db_dir, source })?;
-        let engine = Engine { db, dir: dir.to_path_buf(), sync_tx, disk_full_injected: AtomicBool::new(false), disk_low: AtomicBool::new(false) };
+            .map_err(|source| StorageError::Dir {
+                path: db_dir,
+                source,
+            })?;
+        let engine = Engine {
+            db,
+            dir: dir.to_path_buf(),
+            sync_tx,
+            disk_full_injected: AtomicBool::new(false),
+            disk_low: AtomicBool::new(false),
+        };
         for cf in [CF_LOG, CF_META, CF_STATE] {
             engine.cf(cf)?;
         }
@@ -85,7 +107,9 @@ impl Engine {
     }
 
     pub fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StorageError> {
-        self.db.cf_handle(name).ok_or(StorageError::MissingColumnFamily(name))
+        self.db
+            .cf_handle(name)
+            .ok_or(StorageError::MissingColumnFamily(name))
     }
 
     /// Column family handle for internal use after `open` verified they all exist.
@@ -98,6 +122,11 @@ impl Engine {
         if let Err(mpsc::SendError(done)) = self.sync_tx.send(Box::new(done)) {
             done(Err(std::io::Error::other("WAL sync thread stopped")));
         }
+    }
+
+    /// Flushes and fsyncs the WAL now (before a clean exit).
+    pub fn sync_now(&self) -> std::io::Result<()> {
+        self.db.flush_wal(true).map_err(io_err)
     }
 
     /// Writes a batch and waits for it to be fsync'd (for rare writes: votes, snapshots).
@@ -128,8 +157,16 @@ impl Engine {
             .iter()
             .filter_map(|name| self.db.cf_handle(name))
             .map(|cf| {
-                let sst = self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten();
-                let mem = self.db.property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables").ok().flatten();
+                let sst = self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten();
+                let mem = self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten();
                 sst.unwrap_or(0) + mem.unwrap_or(0)
             })
             .sum()
@@ -175,10 +212,16 @@ fn wal_sync_loop(db: Arc<DB>, rx: mpsc::Receiver<SyncCallback>, metrics: Arc<Met
         }
         let started = Instant::now();
         let res = db.flush_wal(true);
-        metrics.wal_sync_seconds.observe(started.elapsed().as_secs_f64());
+        metrics
+            .wal_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
         metrics.wal_sync_batch.observe(waiting.len() as f64);
         for done in waiting {
-            done(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+            done(
+                res.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            );
         }
     }
 }

@@ -16,7 +16,6 @@ use crate::types::{decode, encode, Entry, LogId, TypeConfig, Vote};
 
 const TAG_VOTE: u8 = b'v';
 const TAG_PURGED: u8 = b'p';
-const TAG_COMMITTED: u8 = b'c';
 
 /// Log storage for one group.
 #[derive(Debug, Clone)]
@@ -32,7 +31,12 @@ impl LogStore {
 
     fn get_meta<T: for<'de> serde::Deserialize<'de>>(&self, tag: u8) -> std::io::Result<Option<T>> {
         let cf = self.engine.cf_io(CF_META)?;
-        match self.engine.db().get_pinned_cf(cf, meta_key(self.group, tag)).map_err(io_err)? {
+        match self
+            .engine
+            .db()
+            .get_pinned_cf(cf, meta_key(self.group, tag))
+            .map_err(io_err)?
+        {
             Some(bytes) => Ok(Some(decode(&bytes)?)),
             None => Ok(None),
         }
@@ -93,8 +97,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> std::io::Result<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId> = self.get_meta(TAG_PURGED)?;
-        let last_log_id = self.last_entry_log_id()?.or_else(|| last_purged_log_id.clone());
-        Ok(LogState { last_purged_log_id, last_log_id })
+        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -103,21 +110,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.engine.cf_io(CF_META)?, meta_key(self.group, TAG_VOTE), encode(vote)?);
+        batch.put_cf(
+            self.engine.cf_io(CF_META)?,
+            meta_key(self.group, TAG_VOTE),
+            encode(vote)?,
+        );
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.write_sync(batch)).await.map_err(std::io::Error::other)?
+        tokio::task::spawn_blocking(move || engine.write_sync(batch))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId>) -> std::io::Result<()> {
-        let cf = self.engine.cf_io(CF_META)?;
-        self.engine.db().put_cf(cf, meta_key(self.group, TAG_COMMITTED), encode(&committed)?).map_err(io_err)
-    }
-
-    async fn read_committed(&mut self) -> std::io::Result<Option<LogId>> {
-        Ok(self.get_meta::<Option<LogId>>(TAG_COMMITTED)?.flatten())
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> std::io::Result<()>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> std::io::Result<()>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -146,7 +154,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> std::io::Result<()> {
         let mut batch = WriteBatch::default();
         // Record the purge point first (same batch): entries up to it are ignored from now on.
-        batch.put_cf(self.engine.cf_io(CF_META)?, meta_key(self.group, TAG_PURGED), encode(&log_id)?);
+        batch.put_cf(
+            self.engine.cf_io(CF_META)?,
+            meta_key(self.group, TAG_PURGED),
+            encode(&log_id)?,
+        );
         batch.delete_range_cf(
             self.engine.cf_io(CF_LOG)?,
             log_key(self.group, 0),

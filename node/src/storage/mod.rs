@@ -2,7 +2,7 @@
 //!
 //! Column families:
 //! - `raft_log`: `group(8 BE) ++ index(8 BE)` -> bincode log entry;
-//! - `raft_meta`: `group(8 BE) ++ tag` -> vote, last purged log id, committed, snapshot descriptor;
+//! - `raft_meta`: `group(8 BE) ++ tag` -> vote, last purged log id, snapshot descriptor;
 //! - `state`: `group(8 BE) ++ kind ++ ...` -> the group's state machine (see `state_machine`).
 //!
 //! Log appends are written without sync and then handed to a single WAL-sync thread that
