@@ -118,7 +118,13 @@ pub struct GroupStateMachine {
     /// Metadata group only: the placement map and where to publish it.
     placement: PlacementMap,
     placement_tx: Option<watch::Sender<Arc<PlacementMap>>>,
+    /// Conversation heads `(last seq, last time)` already read or written: saves a lookup
+    /// per append. Exact (updated after every applied batch), cleared on snapshot install.
+    heads: HashMap<String, (u64, i64)>,
 }
+
+/// Heads cached per group before the cache is dropped and refilled from disk.
+const HEAD_CACHE_LIMIT: usize = 200_000;
 
 impl GroupStateMachine {
     /// Opens the state machine of `group` from disk. `placement_tx` is given for the metadata group.
@@ -135,6 +141,7 @@ impl GroupStateMachine {
             slots: None,
             placement: PlacementMap::default(),
             placement_tx,
+            heads: HashMap::new(),
         };
         sm.load()?;
         Ok(sm)
@@ -155,6 +162,7 @@ impl GroupStateMachine {
 
     /// Reloads the in-memory view (applied state, slot range, placement) from disk.
     fn load(&mut self) -> std::io::Result<()> {
+        self.heads.clear();
         let (applied, membership) = self
             .get::<(Option<LogId>, StoredMembership)>(&state_key(self.group, KEY_APPLIED, &[]))?
             .unwrap_or_default();
@@ -209,7 +217,10 @@ impl GroupStateMachine {
                 duplicate: true,
             });
         }
-        let (last_seq, last_time) = match heads.get(&cmd.conversation) {
+        let cached = heads
+            .get(&cmd.conversation)
+            .or_else(|| self.heads.get(&cmd.conversation));
+        let (last_seq, last_time) = match cached {
             Some(h) => *h,
             None => self
                 .get::<(u64, i64)>(&head_key(self.group, &cmd.conversation))?
@@ -387,6 +398,10 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             .db()
             .write(batch)
             .map_err(crate::storage::engine_io_err)?;
+        if self.heads.len() + heads.len() > HEAD_CACHE_LIMIT {
+            self.heads.clear();
+        }
+        self.heads.extend(heads);
         if placement_changed {
             if let Some(tx) = &self.placement_tx {
                 let map = Arc::new(self.placement.clone());
