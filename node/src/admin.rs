@@ -66,6 +66,8 @@ pub fn replica_status(group: GroupId, raft: &GroupRaft) -> GroupReplicaStatus {
         applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
         voters: membership.voter_ids().collect(),
         learners: membership.learner_ids().collect(),
+        snapshot_index: m.snapshot.as_ref().map(|l| l.index).unwrap_or(0),
+        purged_index: m.purged.as_ref().map(|l| l.index).unwrap_or(0),
         matched: m
             .replication
             .as_ref()
@@ -76,6 +78,27 @@ pub fn replica_status(group: GroupId, raft: &GroupRaft) -> GroupReplicaStatus {
             })
             .unwrap_or_default(),
     }
+}
+
+/// Waits until the leader `raft` has replicated its log up to `index` to `node`.
+async fn wait_for_match(raft: &GroupRaft, node: NodeId, index: u64) -> Result<(), ()> {
+    let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+    while Instant::now() < deadline {
+        let m = raft.metrics().borrow_watched().clone();
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&node).cloned().flatten())
+            .map(|l| l.index);
+        if matched >= Some(index) {
+            return Ok(());
+        }
+        if m.state != ServerState::Leader {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(())
 }
 
 impl AdminService {
@@ -124,7 +147,7 @@ impl AdminService {
                 "bootstrap must be sent to one of its nodes, not node {me}"
             )));
         }
-        let placement = self.cluster.placement();
+        let placement = self.cluster.fresh_placement().await;
         if placement.epoch > 0 {
             return Err(PlacementError::AlreadyBootstrapped {
                 epoch: placement.epoch,
@@ -168,7 +191,7 @@ impl AdminService {
     }
 
     async fn cluster_status(&self) -> Result<ClusterStatusReply, ApiError> {
-        let placement = self.cluster.placement();
+        let placement = self.cluster.fresh_placement().await;
         if placement.epoch == 0 {
             return Err(ApiError::NotBootstrapped);
         }
@@ -307,7 +330,7 @@ impl AdminService {
         node: NodeId,
         forwarded: bool,
     ) -> Result<u64, ApiError> {
-        let placement = self.cluster.placement();
+        let placement = self.cluster.fresh_placement().await;
         let gp = placement
             .groups
             .get(&group)
@@ -335,16 +358,19 @@ impl AdminService {
                         .propose_meta(MetaCommand::AddLearner { group, node })
                         .await?;
                 }
-                // Blocks until the learner has caught up with the leader's log.
-                tokio::time::timeout(
-                    CATCH_UP_TIMEOUT,
-                    raft.add_learner(node, BasicNode { addr }, true),
-                )
-                .await
-                .map_err(|_| {
-                    ApiError::Timeout(format!("node {node} did not catch up with group {group}"))
-                })?
-                .map_err(|e| ApiError::Unavailable(format!("adding learner: {e}")))?;
+                let added = raft
+                    .add_learner(node, BasicNode { addr }, false)
+                    .await
+                    .map_err(|e| ApiError::Unavailable(format!("adding learner: {e}")))?;
+                // openraft's own "blocking" wait accepts a lag of thousands of entries; a
+                // learner is promoted only once it holds everything up to its own addition.
+                wait_for_match(&raft, node, added.log_id.index)
+                    .await
+                    .map_err(|_| {
+                        ApiError::Timeout(format!(
+                            "node {node} did not catch up with group {group}"
+                        ))
+                    })?;
                 raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node])), false)
                     .await
                     .map_err(|e| ApiError::Unavailable(format!("promoting learner: {e}")))?;
@@ -367,7 +393,7 @@ impl AdminService {
         node: NodeId,
         forwarded: bool,
     ) -> Result<u64, ApiError> {
-        let placement = self.cluster.placement();
+        let placement = self.cluster.fresh_placement().await;
         let gp = placement
             .groups
             .get(&group)
@@ -430,7 +456,7 @@ impl AdminService {
         to: NodeId,
         forwarded: bool,
     ) -> Result<u64, ApiError> {
-        let placement = self.cluster.placement();
+        let placement = self.cluster.fresh_placement().await;
         let gp = placement
             .groups
             .get(&group)
@@ -490,15 +516,18 @@ impl AdminService {
         let mut moved = 0;
         let groups: Vec<GroupId> = self
             .cluster
-            .placement()
+            .fresh_placement()
+            .await
             .groups
             .iter()
             .filter(|(_, g)| g.hosts(node))
             .map(|(id, _)| *id)
             .collect();
         for group in groups {
-            let placement = self.cluster.placement();
-            let gp = &placement.groups[&group];
+            let placement = self.cluster.fresh_placement().await;
+            let Some(gp) = placement.groups.get(&group) else {
+                continue;
+            };
             if gp.voters.len() <= crate::placement::REPLICATION_FACTOR {
                 let target = placement.pick_target(group).ok_or_else(|| {
                     ApiError::Unavailable(format!("no node can take group {group}'s replica"))
@@ -508,9 +537,10 @@ impl AdminService {
             self.remove_replica(group, node, false).await?;
             moved += 1;
         }
-        let epoch = self.cluster.placement().epoch;
+        let placement = self.cluster.fresh_placement().await;
+        let epoch = placement.epoch;
         let mut detail = format!("moved {moved} replicas off node {node}");
-        if self.cluster.placement().metadata_voters.contains(&node) {
+        if placement.metadata_voters.contains(&node) {
             detail.push_str("; node remains a metadata voter");
         }
         Ok((epoch, detail))

@@ -9,7 +9,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::error::ClientWriteError;
 use openraft::ServerState;
 use parley_proto::node::v1::admin_client::AdminClient;
-use parley_proto::node::v1::MetaProposal;
+use parley_proto::node::v1::{GetPlacementRequest, MetaProposal};
 use tonic::transport::Channel;
 
 use crate::config::NodeConfig;
@@ -164,6 +164,31 @@ impl Cluster {
                 ))),
             },
         }
+    }
+
+    /// The placement map as the metadata leader has it now (admin operations validate
+    /// against this, not against a cache that may be a tick behind).
+    pub async fn fresh_placement(&self) -> Arc<PlacementMap> {
+        if self.local_leader(METADATA_GROUP).is_some() {
+            return self.placement();
+        }
+        if let Some(leader) = self
+            .leader_of(METADATA_GROUP)
+            .filter(|l| *l != self.node_id())
+        {
+            if let Ok(channel) = self.channel_to(leader) {
+                let mut req = tonic::Request::new(GetPlacementRequest {
+                    known_epoch: self.placement().epoch,
+                });
+                req.set_timeout(Duration::from_secs(2));
+                if let Ok(reply) = AdminClient::new(channel).get_placement(req).await {
+                    if let Ok(map) = decode::<PlacementMap>(&reply.into_inner().placement) {
+                        self.replicas.offer_placement(Arc::new(map));
+                    }
+                }
+            }
+        }
+        self.placement()
     }
 
     /// Proposes a placement change through the metadata group, forwarding to its leader.

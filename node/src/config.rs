@@ -131,7 +131,9 @@ impl NodeConfig {
             // openraft's leader lease equals the max timeout; keep failover near one second.
             election_timeout_max: self.election_timeout_ms * 3 / 2,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
-            max_in_snapshot_log_to_keep: 1_000,
+            // Keep a tenth of a snapshot interval of log so slightly lagging followers
+            // catch up from the log rather than a snapshot.
+            max_in_snapshot_log_to_keep: self.snapshot_every_entries / 10,
             install_snapshot_timeout: 10_000,
             enable_pre_vote: Some(true),
             ..Default::default()

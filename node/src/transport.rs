@@ -290,14 +290,15 @@ impl RaftTransportService {
         if self.replicas.pool().faults.is_blocked(msg.from_node) {
             return Err(Status::unavailable("link cut by fault injection"));
         }
+        // Decode first: a malformed message is refused the same way whatever its group.
+        let req: Req = decode(&msg.payload)
+            .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
         let Some(raft) = self.replicas.get(msg.group_id) else {
             return Err(Status::not_found(format!(
                 "group {} not hosted here",
                 msg.group_id
             )));
         };
-        let req: Req = decode(&msg.payload)
-            .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
         let res = call(&raft, req).await;
         let payload = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(RaftMessage {

@@ -34,6 +34,7 @@ async fn leader_sigkill_and_full_restart_lose_no_acknowledged_append() {
     let journal = Arc::new(Mutex::new(Journal::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let writers = spawn_writers(
+        "",
         client.clone(),
         CONVERSATIONS,
         WRITERS,
@@ -151,6 +152,7 @@ async fn isolated_leader_acknowledges_nothing_and_converges_after_healing() {
     let journal = Arc::new(Mutex::new(Journal::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let writers = spawn_writers(
+        "",
         majority.clone(),
         CONVERSATIONS,
         16,

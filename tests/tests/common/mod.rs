@@ -34,7 +34,9 @@ pub fn conversation(i: usize) -> String {
 /// Runs `writers` tasks appending to `conversations` conversations (each writer owns a
 /// disjoint subset, so per-conversation order of acks is the order of sends) until `stop`
 /// is set. A failed send is retried with the same client_msg_id a few times, then given up.
+/// Message ids are `{tag}w{writer}-m{n}`: runs that must not collide use distinct tags.
 pub fn spawn_writers(
+    tag: &str,
     client: LogClient,
     conversations: usize,
     writers: usize,
@@ -47,12 +49,13 @@ pub fn spawn_writers(
             let client = client.clone();
             let journal = journal.clone();
             let stop = stop.clone();
+            let tag = tag.to_string();
             tokio::spawn(async move {
                 let mine: Vec<usize> = (0..conversations).filter(|c| c % writers == w).collect();
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let conv = conversation(mine[n as usize % mine.len()]);
-                    let id = format!("w{w}-m{n}");
+                    let id = format!("{tag}w{w}-m{n}");
                     n += 1;
                     let body = vec![(n % 251) as u8; payload];
                     let mut acked = None;
