@@ -698,7 +698,12 @@ impl Admin for AdminService {
             .pool()
             .faults
             .set_blocked(r.blocked_peers.iter().copied());
-        self.cluster.replicas.engine().inject_disk_full(r.disk_full);
+        let engine = self.cluster.replicas.engine();
+        engine.inject_disk_full(r.disk_full);
+        self.cluster
+            .metrics
+            .disk_full
+            .set(i64::from(engine.is_disk_full()));
         tracing::warn!(blocked = ?r.blocked_peers, disk_full = r.disk_full, "fault injection changed");
         Ok(Response::new(AdminReply {
             epoch: self.cluster.placement().epoch,

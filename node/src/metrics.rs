@@ -80,7 +80,7 @@ impl Metrics {
             .expect("valid metric"),
             disk_full: IntGauge::new(
                 "parley_disk_full",
-                "1 while writes are refused for lack of disk space",
+                "Whether writes are refused for lack of disk space (0 or 1)",
             )
             .expect("valid metric"),
             wal_sync_seconds: Histogram::with_opts(

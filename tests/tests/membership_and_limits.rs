@@ -366,7 +366,7 @@ async fn full_disk_refuses_writes_and_keeps_data() {
         .await
         .expect("body");
     assert!(
-        metrics.contains("parley_disk_full 1"),
+        metrics.lines().any(|l| l.trim() == "parley_disk_full 1"),
         "disk_full gauge not set"
     );
     // Reads still work and nothing was lost.
@@ -434,4 +434,116 @@ async fn metrics_are_exported_and_sigterm_hands_off_leadership() {
         "groups {leaderless:?} lost their leader instead of being handed off"
     );
     verify(&client, 100, &journal).await;
+}
+
+/// Free bytes on the filesystem holding `path`, from `df`.
+fn free_bytes(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .expect("df");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df output")
+}
+
+async fn disk_full_gauge(cluster: &LocalCluster, node: u64) -> bool {
+    let body = reqwest::get(format!("http://{}/metrics", cluster.http_addr(node)))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    body.lines().any(|l| l.trim() == "parley_disk_full 1")
+}
+
+/// Unmounts the test's tmpfs even when the test fails.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A real, nearly full volume (a small tmpfs filled with a file): the nodes notice the
+/// free-space floor, refuse writes with `disk_full`, keep serving reads, and accept
+/// writes again once space is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nearly_full_volume_refuses_writes_until_space_is_freed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=768m", "parley-test"])
+        .arg(dir.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(mounted, "mounting a tmpfs needs root (CI runs as root)");
+    let _mount = Mount(dir.path().to_path_buf());
+    let floor: u64 = 192 << 20;
+    let options = ClusterOptions {
+        data_root: Some(dir.path().join("cluster")),
+        extra_args: vec!["--min-free-disk-bytes".into(), floor.to_string()],
+        ..ClusterOptions::default()
+    };
+    let cluster = LocalCluster::start(options).await.expect("cluster starts");
+    let client = cluster.log_client();
+    let journal = load("a", &client, 50, 8, 2).await;
+
+    // Fill the volume until less than the floor is free.
+    let filler = dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![0u8; 1 << 20];
+        while free_bytes(dir.path()) > floor - (32 << 20) {
+            f.write_all(&chunk).expect("fill");
+        }
+        f.sync_all().expect("sync filler");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !disk_full_gauge(&cluster, 1).await {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 did not notice the full volume"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut c = cluster.client(1);
+    let req = AppendRequest {
+        conversation_id: conversation(3),
+        sender: "writer".into(),
+        client_msg_id: "on-full-volume".into(),
+        payload: b"x".to_vec(),
+        hops: 0,
+    };
+    let err = c
+        .append(req.clone())
+        .await
+        .expect_err("writes refused on a full volume");
+    assert_eq!(error_code(&err), Some("disk_full"), "{err}");
+    verify(&client, 50, &journal).await;
+
+    std::fs::remove_file(&filler).expect("free space");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while disk_full_gauge(&cluster, 1).await {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 did not notice the freed space"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.append(req).await.expect("writes accepted again");
+    let mut journal = journal;
+    journal
+        .unacked
+        .push((conversation(3), "on-full-volume".into()));
+    verify(&client, 50, &journal).await;
+    drop(cluster);
 }

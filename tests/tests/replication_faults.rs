@@ -108,6 +108,28 @@ async fn leader_sigkill_and_full_restart_lose_no_acknowledged_append() {
         .await
         .expect("restarted node ready");
 
+    // Its preferred leaderships come back: leaders end up spread evenly again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster.cluster_status().await.expect("status");
+        let counts = parley_testkit::leader_counts(&s);
+        let per_node: Vec<usize> = cluster
+            .node_ids()
+            .iter()
+            .map(|n| counts.get(n).copied().unwrap_or(0))
+            .collect();
+        let spread = per_node.iter().max().unwrap_or(&0) - per_node.iter().min().unwrap_or(&0);
+        if spread <= 1 {
+            println!("leaders per node after recovery: {per_node:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leaders stayed unbalanced: {per_node:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     // A full-cluster crash and restart loses nothing.
     for id in cluster.node_ids() {
         cluster.kill(id).await.expect("kill");
