@@ -639,3 +639,253 @@ fn install_snapshot_file(
     }
     set_current_snapshot(engine, group, meta, &file_name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn engine() -> (tempfile::TempDir, Arc<Engine>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(dir.path(), Arc::new(Metrics::new())).expect("engine");
+        (dir, engine)
+    }
+
+    fn append(conv: &str, id: &str, slot: Slot, at: i64) -> Command {
+        Command::Append(AppendCommand {
+            conversation: conv.into(),
+            sender: "alice".into(),
+            client_msg_id: id.into(),
+            slot,
+            proposed_at_ms: at,
+            payload: id.as_bytes().to_vec(),
+        })
+    }
+
+    /// Applies commands as one batch, the way `apply` does, and returns the responses.
+    fn apply_all(sm: &mut GroupStateMachine, cmds: &[Command]) -> Vec<CommandResponse> {
+        let mut batch = WriteBatch::default();
+        let (mut heads, mut dedupe) = (HashMap::new(), HashMap::new());
+        let out = cmds
+            .iter()
+            .map(|c| {
+                sm.apply_command(c, &mut batch, &mut heads, &mut dedupe)
+                    .expect("apply")
+            })
+            .collect();
+        sm.engine.db().write(batch).expect("write");
+        sm.heads.extend(heads);
+        out
+    }
+
+    #[test]
+    fn seqs_are_contiguous_retries_deduplicated_and_foreign_slots_refused() {
+        let (_dir, engine) = engine();
+        let mut sm = GroupStateMachine::open(engine.clone(), 3, None).expect("open");
+        // Before the slot range is assigned, nothing is accepted.
+        assert_eq!(
+            apply_all(&mut sm, &[append("c", "m0", 5, 1)]),
+            vec![CommandResponse::Moved { epoch: 0 }]
+        );
+        apply_all(
+            &mut sm,
+            &[Command::AssignSlots {
+                start: 0,
+                end: 99,
+                epoch: 4,
+            }],
+        );
+        let r = apply_all(
+            &mut sm,
+            &[
+                append("c", "m1", 5, 10),
+                append("c", "m2", 5, 5),
+                append("c", "m1", 5, 20),
+                append("d", "m1", 6, 1),
+            ],
+        );
+        assert_eq!(
+            r,
+            vec![
+                CommandResponse::Appended {
+                    seq: 1,
+                    server_time_ms: 10,
+                    duplicate: false
+                },
+                // Server time never goes backwards within a conversation.
+                CommandResponse::Appended {
+                    seq: 2,
+                    server_time_ms: 10,
+                    duplicate: false
+                },
+                // Same (conversation, sender, id) within the batch: the original seq.
+                CommandResponse::Appended {
+                    seq: 1,
+                    server_time_ms: 10,
+                    duplicate: true
+                },
+                CommandResponse::Appended {
+                    seq: 1,
+                    server_time_ms: 1,
+                    duplicate: false
+                },
+            ]
+        );
+        // Across batches too, and a slot outside the range is refused with the epoch.
+        let r = apply_all(
+            &mut sm,
+            &[
+                append("c", "m2", 5, 30),
+                append("c", "m3", 5, 30),
+                append("e", "x", 100, 1),
+            ],
+        );
+        assert_eq!(
+            r[0],
+            CommandResponse::Appended {
+                seq: 2,
+                server_time_ms: 10,
+                duplicate: true
+            }
+        );
+        assert_eq!(
+            r[1],
+            CommandResponse::Appended {
+                seq: 3,
+                server_time_ms: 30,
+                duplicate: false
+            }
+        );
+        assert_eq!(r[2], CommandResponse::Moved { epoch: 4 });
+        // Metadata commands are not for shard groups.
+        let r = apply_all(
+            &mut sm,
+            &[Command::Meta(
+                crate::placement::MetaCommand::GroupInitialized { group: 1 },
+            )],
+        );
+        assert!(matches!(r[0], CommandResponse::Rejected(_)));
+
+        let (entries, last) =
+            GroupStateMachine::read_conversation(&engine, 3, "c", 1, 10).expect("read");
+        assert_eq!(last, 3);
+        let ids: Vec<(u64, &str)> = entries
+            .iter()
+            .map(|(s, m)| (*s, m.client_msg_id.as_str()))
+            .collect();
+        assert_eq!(ids, vec![(1, "m1"), (2, "m2"), (3, "m3")]);
+        let (page, _) = GroupStateMachine::read_conversation(&engine, 3, "c", 2, 1).expect("read");
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].0, 2);
+        // The head survives a reopen (the cache is only a cache).
+        let mut reopened = GroupStateMachine::open(engine, 3, None).expect("reopen");
+        assert_eq!(
+            apply_all(&mut reopened, &[append("c", "m4", 5, 40)]),
+            vec![CommandResponse::Appended {
+                seq: 4,
+                server_time_ms: 40,
+                duplicate: false
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn snapshots_carry_the_whole_group_to_another_node() {
+        let (_a, leader) = engine();
+        let mut sm = GroupStateMachine::open(leader.clone(), 2, None).expect("open");
+        apply_all(
+            &mut sm,
+            &[Command::AssignSlots {
+                start: 0,
+                end: crate::placement::SLOT_COUNT - 1,
+                epoch: 1,
+            }],
+        );
+        let cmds: Vec<Command> = (0..500)
+            .map(|i| append(&format!("c{}", i % 7), &format!("m{i}"), 1, i))
+            .collect();
+        apply_all(&mut sm, &cmds);
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("build");
+        // A group sharing the engine is untouched by the other group's snapshot.
+        let (_b, follower) = engine();
+        let mut other = GroupStateMachine::open(follower.clone(), 9, None).expect("open");
+        apply_all(
+            &mut other,
+            &[Command::AssignSlots {
+                start: 0,
+                end: 5,
+                epoch: 1,
+            }],
+        );
+        let mut target = GroupStateMachine::open(follower.clone(), 2, None).expect("open");
+        target
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .expect("install");
+        for c in 0..7 {
+            let conv = format!("c{c}");
+            let a = GroupStateMachine::read_conversation(&leader, 2, &conv, 1, 1000).expect("read");
+            let b =
+                GroupStateMachine::read_conversation(&follower, 2, &conv, 1, 1000).expect("read");
+            assert_eq!(a, b, "{conv} differs after snapshot install");
+            assert!(a.1 > 70);
+        }
+        // Installed state keeps deduplicating and numbering where the leader left off.
+        let next = apply_all(
+            &mut target,
+            &[append("c0", "m0", 1, 0), append("c0", "new", 1, 999)],
+        );
+        assert!(matches!(
+            next[0],
+            CommandResponse::Appended {
+                seq: 1,
+                duplicate: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            next[1],
+            CommandResponse::Appended {
+                duplicate: false,
+                ..
+            }
+        ));
+        assert_eq!(
+            other.slots,
+            Some(SlotRange {
+                start: 0,
+                end: 5,
+                epoch: 1
+            })
+        );
+        let reopened = GroupStateMachine::open(follower, 9, None).expect("reopen");
+        assert_eq!(
+            reopened.slots,
+            Some(SlotRange {
+                start: 0,
+                end: 5,
+                epoch: 1
+            })
+        );
+    }
+
+    #[test]
+    fn corrupt_snapshot_files_are_errors_not_panics() {
+        let (dir, engine) = engine();
+        let path = dir.path().join("bad.snap");
+        std::fs::write(&path, b"not a snapshot at all").expect("write");
+        let meta = SnapshotMeta::default();
+        let file = std::fs::File::open(&path).expect("open");
+        assert!(install_snapshot_file(&engine, 1, &meta, file).is_err());
+        let mut truncated = SNAPSHOT_MAGIC.to_vec();
+        truncated.extend_from_slice(&[0, 0, 0, 9, 1, 2]);
+        std::fs::write(&path, &truncated).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        assert!(install_snapshot_file(&engine, 1, &meta, file).is_err());
+    }
+}
