@@ -332,8 +332,7 @@ impl AdminService {
     ) -> Result<u64, ApiError> {
         let placement = self.cluster.fresh_placement().await;
         let gp = placement
-            .groups
-            .get(&group)
+            .replica_set(group)
             .ok_or(PlacementError::UnknownGroup(group))?;
         if gp.voters.contains(&node) {
             return Err(PlacementError::AlreadyHosted { group, node }.into());
@@ -353,7 +352,9 @@ impl AdminService {
             group,
             forwarded,
             async |raft: GroupRaft| {
-                if !gp.learners.contains(&node) {
+                // Shard replicas are recorded as learners first, so the new node opens its
+                // replica; every node already runs a (dormant) metadata replica.
+                if group != METADATA_GROUP && !gp.learners.contains(&node) {
                     self.cluster
                         .propose_meta(MetaCommand::AddLearner { group, node })
                         .await?;
@@ -374,9 +375,14 @@ impl AdminService {
                 raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node])), false)
                     .await
                     .map_err(|e| ApiError::Unavailable(format!("promoting learner: {e}")))?;
-                self.cluster
-                    .propose_meta(MetaCommand::PromoteLearner { group, node })
-                    .await
+                let cmd = if group == METADATA_GROUP {
+                    let mut voters = gp.voters.clone();
+                    voters.push(node);
+                    MetaCommand::SetMetadataVoters { voters }
+                } else {
+                    MetaCommand::PromoteLearner { group, node }
+                };
+                self.cluster.propose_meta(cmd).await
             },
             async |mut c| {
                 c.add_replica(forwarded_request(msg, timeout))
@@ -395,8 +401,7 @@ impl AdminService {
     ) -> Result<u64, ApiError> {
         let placement = self.cluster.fresh_placement().await;
         let gp = placement
-            .groups
-            .get(&group)
+            .replica_set(group)
             .ok_or(PlacementError::UnknownGroup(group))?;
         if !gp.hosts(node) {
             return Err(PlacementError::NotHosted { group, node }.into());
@@ -437,9 +442,13 @@ impl AdminService {
                     .await
                     .map_err(|e| ApiError::Unavailable(format!("removing replica: {e}")))?;
                 // Only now may the node delete its copy: the group no longer counts on it.
-                self.cluster
-                    .propose_meta(MetaCommand::RemoveReplica { group, node })
-                    .await
+                let cmd = if group == METADATA_GROUP {
+                    let voters = gp.voters.iter().copied().filter(|v| *v != node).collect();
+                    MetaCommand::SetMetadataVoters { voters }
+                } else {
+                    MetaCommand::RemoveReplica { group, node }
+                };
+                self.cluster.propose_meta(cmd).await
             },
             async |mut c| {
                 c.remove_replica(forwarded_request(msg, timeout))
@@ -458,17 +467,19 @@ impl AdminService {
     ) -> Result<u64, ApiError> {
         let placement = self.cluster.fresh_placement().await;
         let gp = placement
-            .groups
-            .get(&group)
+            .replica_set(group)
             .ok_or(PlacementError::UnknownGroup(group))?;
         if !gp.voters.contains(&to) {
             return Err(PlacementError::NotHosted { group, node: to }.into());
         }
         // Make `to` the preferred leader so the balancer keeps it there.
-        let epoch = self
-            .cluster
-            .propose_meta(MetaCommand::SetPreferredLeader { group, node: to })
-            .await?;
+        let epoch = if group == METADATA_GROUP {
+            placement.epoch
+        } else {
+            self.cluster
+                .propose_meta(MetaCommand::SetPreferredLeader { group, node: to })
+                .await?
+        };
         if self.cluster.leader_of(group) == Some(to) {
             return Ok(epoch);
         }
@@ -538,12 +549,27 @@ impl AdminService {
             moved += 1;
         }
         let placement = self.cluster.fresh_placement().await;
-        let epoch = placement.epoch;
-        let mut detail = format!("moved {moved} replicas off node {node}");
         if placement.metadata_voters.contains(&node) {
-            detail.push_str("; node remains a metadata voter");
+            // The metadata group moves too: add a voter on the least loaded active node
+            // that is not one yet, then remove the drained node.
+            let counts = placement.replica_counts();
+            let target = placement
+                .nodes
+                .iter()
+                .filter(|(id, n)| {
+                    n.state == NodeState::Active && !placement.metadata_voters.contains(id)
+                })
+                .min_by_key(|(id, _)| (counts.get(id).copied().unwrap_or(0), **id))
+                .map(|(id, _)| *id)
+                .ok_or_else(|| {
+                    ApiError::Unavailable("no node can take the metadata replica".into())
+                })?;
+            self.add_replica(METADATA_GROUP, target, false).await?;
+            self.remove_replica(METADATA_GROUP, node, false).await?;
+            moved += 1;
         }
-        Ok((epoch, detail))
+        let epoch = self.cluster.fresh_placement().await.epoch;
+        Ok((epoch, format!("moved {moved} replicas off node {node}")))
     }
 }
 

@@ -133,6 +133,10 @@ pub enum MetaCommand {
         group: GroupId,
         node: NodeId,
     },
+    /// Records the metadata group's voters after a membership change of group 0.
+    SetMetadataVoters {
+        voters: Vec<NodeId>,
+    },
 }
 
 /// Outcome of a [`MetaCommand`].
@@ -176,6 +180,20 @@ impl PlacementMap {
             .iter()
             .find(|(_, g)| g.owns(slot))
             .map(|(id, g)| (*id, g))
+    }
+
+    /// Where `group` lives; for the metadata group, its voters (it has no slots).
+    pub fn replica_set(&self, group: GroupId) -> Option<GroupPlacement> {
+        if group == 0 {
+            return (self.epoch > 0).then(|| GroupPlacement {
+                slot_start: 0,
+                slot_end: 0,
+                voters: self.metadata_voters.clone(),
+                learners: vec![],
+                initialized: true,
+            });
+        }
+        self.groups.get(&group).cloned()
     }
 
     /// Replicas (voters and learners) held by each active or draining node.
@@ -368,6 +386,29 @@ impl PlacementMap {
                 g.voters.remove(pos);
                 Ok(())
             }
+            MetaCommand::SetMetadataVoters { voters } => {
+                let distinct: BTreeSet<&NodeId> = voters.iter().collect();
+                if distinct.len() != voters.len() || voters.len() < REPLICATION_FACTOR {
+                    return Err(PlacementError::BelowReplicationFactor {
+                        group: 0,
+                        left: distinct.len(),
+                    });
+                }
+                for v in voters {
+                    match self.nodes.get(v) {
+                        None => return Err(PlacementError::UnknownNode(*v)),
+                        Some(n) if n.state == NodeState::Removed => {
+                            return Err(PlacementError::NodeNotActive {
+                                node: *v,
+                                state: n.state,
+                            })
+                        }
+                        Some(_) => {}
+                    }
+                }
+                self.metadata_voters = voters.clone();
+                Ok(())
+            }
             MetaCommand::SetPreferredLeader { group, node } => {
                 let g = self.group_mut(*group)?;
                 let pos =
@@ -501,6 +542,34 @@ mod tests {
             MetaResponse::Ok { .. }
         ));
         assert_eq!(map.groups[&1].voters, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn metadata_voters_are_validated() {
+        let mut map = bootstrapped(1);
+        map.apply(&MetaCommand::RegisterNode {
+            node_id: 4,
+            info: node("4"),
+        });
+        let set = |v: Vec<NodeId>| MetaCommand::SetMetadataVoters { voters: v };
+        assert!(matches!(
+            map.apply(&set(vec![2, 3, 4])),
+            MetaResponse::Ok { .. }
+        ));
+        assert_eq!(map.replica_set(0).map(|g| g.voters), Some(vec![2, 3, 4]));
+        assert!(matches!(
+            map.apply(&set(vec![2, 3])),
+            MetaResponse::Refused(PlacementError::BelowReplicationFactor { .. })
+        ));
+        assert!(matches!(
+            map.apply(&set(vec![2, 2, 3])),
+            MetaResponse::Refused(PlacementError::BelowReplicationFactor { .. })
+        ));
+        assert_eq!(
+            map.apply(&set(vec![2, 3, 9])),
+            MetaResponse::Refused(PlacementError::UnknownNode(9))
+        );
+        assert_eq!(map.metadata_voters, vec![2, 3, 4]);
     }
 
     #[test]

@@ -547,3 +547,65 @@ async fn nearly_full_volume_refuses_writes_until_space_is_freed() {
     verify(&client, 50, &journal).await;
     drop(cluster);
 }
+
+/// Draining a node that holds a metadata replica moves the metadata group too: afterwards
+/// the node can die and the cluster (placement changes included) goes on without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_a_metadata_voter_moves_the_metadata_group() {
+    let options = ClusterOptions {
+        nodes: 4,
+        shard_groups: 4,
+        ..ClusterOptions::default()
+    };
+    let cluster = LocalCluster::start(options).await.expect("cluster starts");
+    let client = cluster.log_client();
+    let journal = load("a", &client, 100, 8, 2).await;
+
+    let reply = cluster
+        .admin(2)
+        .drain_node(DrainNodeRequest { node_id: 1 })
+        .await
+        .expect("drain")
+        .into_inner();
+    println!("drain: {}", reply.detail);
+    let status = status_from(&cluster, 2).await.expect("status");
+    for g in &status.groups {
+        assert!(
+            !g.voters.contains(&1),
+            "group {} still on node 1",
+            g.group_id
+        );
+        assert_eq!(g.voters.len(), 3);
+    }
+    let s2 = node_status(&cluster, 2).await;
+    let meta = replica(&s2, 0).expect("node 2 hosts the metadata group");
+    let mut voters = meta.voters.clone();
+    voters.sort();
+    assert_eq!(voters, vec![2, 3, 4], "metadata voters after the drain");
+
+    // Node 1 is gone for good; everything keeps working without it.
+    cluster.kill(1).await.expect("kill");
+    let more = load("b", &client, 100, 8, 2).await;
+    assert!(
+        !more.acks.is_empty(),
+        "no writes after the drained node died"
+    );
+    let to = status.groups[0]
+        .voters
+        .iter()
+        .copied()
+        .find(|v| *v != status.groups[0].leader)
+        .expect("voter");
+    cluster
+        .admin(3)
+        .transfer_leader(TransferLeaderRequest {
+            group_id: status.groups[0].group_id,
+            to_node: to,
+        })
+        .await
+        .expect("placement changes still commit without node 1");
+    let mut journal = journal;
+    journal.acks.extend(more.acks);
+    journal.unacked.extend(more.unacked);
+    verify(&client, 100, &journal).await;
+}

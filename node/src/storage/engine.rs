@@ -36,7 +36,9 @@ type SyncCallback = Box<dyn FnOnce(std::io::Result<()>) + Send>;
 pub struct Engine {
     db: Arc<DB>,
     dir: PathBuf,
-    sync_tx: mpsc::Sender<SyncCallback>,
+    /// `None` only while dropping.
+    sync_tx: Option<mpsc::Sender<SyncCallback>>,
+    sync_thread: Option<std::thread::JoinHandle<()>>,
     /// Set by fault injection: behave as if the disk were full.
     disk_full_injected: AtomicBool,
     /// Set while free disk space is below the configured floor.
@@ -74,17 +76,19 @@ impl Engine {
         let db = Arc::new(db);
         let (sync_tx, sync_rx) = mpsc::channel::<SyncCallback>();
         let sync_db = db.clone();
-        std::thread::Builder::new()
+        let sync_thread = std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || wal_sync_loop(sync_db, sync_rx, metrics))
             .map_err(|source| StorageError::Dir {
                 path: db_dir,
                 source,
             })?;
+
         let engine = Engine {
             db,
             dir: dir.to_path_buf(),
-            sync_tx,
+            sync_tx: Some(sync_tx),
+            sync_thread: Some(sync_thread),
             disk_full_injected: AtomicBool::new(false),
             disk_low: AtomicBool::new(false),
         };
@@ -119,7 +123,10 @@ impl Engine {
 
     /// Calls `done` once everything written so far is fsync'd.
     pub fn sync_then(&self, done: impl FnOnce(std::io::Result<()>) + Send + 'static) {
-        if let Err(mpsc::SendError(done)) = self.sync_tx.send(Box::new(done)) {
+        let Some(tx) = &self.sync_tx else {
+            return done(Err(std::io::Error::other("WAL sync thread stopped")));
+        };
+        if let Err(mpsc::SendError(done)) = tx.send(Box::new(done)) {
             done(Err(std::io::Error::other("WAL sync thread stopped")));
         }
     }
@@ -219,6 +226,17 @@ fn cf_options(name: &str) -> Options {
         o.set_memtable_prefix_bloom_ratio(0.1);
     }
     o
+}
+
+impl Drop for Engine {
+    /// Stops the WAL-sync thread and waits for it, so the database is closed here and not
+    /// by a detached thread racing process exit.
+    fn drop(&mut self) {
+        drop(self.sync_tx.take());
+        if let Some(t) = self.sync_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn wal_sync_loop(db: Arc<DB>, rx: mpsc::Receiver<SyncCallback>, metrics: Arc<Metrics>) {
