@@ -73,19 +73,33 @@ async fn replicas_move_by_snapshot_and_drain_without_losing_data() {
     assert!(journal.acks.len() > 600);
 
     // Group 1 lives on nodes 1-3; its log has been purged past its start.
-    let status = cluster.cluster_status().await.expect("status");
-    let g1 = status
-        .groups
-        .iter()
-        .find(|g| g.group_id == 1)
-        .expect("group 1");
+    // Write until group 1's leader has purged part of its log (a slow machine may need
+    // more than one round), so a new replica can only catch up from a snapshot.
+    let mut journal = journal;
+    let mut round = 0;
+    let (g1, leader, purged) = loop {
+        let status = cluster.cluster_status().await.expect("status");
+        let g1 = status
+            .groups
+            .iter()
+            .find(|g| g.group_id == 1)
+            .expect("group 1")
+            .clone();
+        let leader = node_status(&cluster, g1.leader).await;
+        let purged = replica(&leader, 1).map(|r| r.purged_index).unwrap_or(0);
+        if purged > 0 {
+            break (g1, leader, purged);
+        }
+        round += 1;
+        assert!(
+            round < 6,
+            "group 1's log was never purged; the test would not exercise snapshots"
+        );
+        let more = load(&format!("a{round}-"), &client, 200, 16, 2).await;
+        journal.acks.extend(more.acks);
+        journal.unacked.extend(more.unacked);
+    };
     assert!(!g1.voters.contains(&4));
-    let leader = node_status(&cluster, g1.leader).await;
-    let purged = replica(&leader, 1).map(|r| r.purged_index).unwrap_or(0);
-    assert!(
-        purged > 0,
-        "group 1's log was never purged; the test would not exercise snapshots"
-    );
     println!(
         "group 1 leader {} at applied index {}",
         g1.leader,
@@ -159,7 +173,6 @@ async fn replicas_move_by_snapshot_and_drain_without_losing_data() {
 
     // More writes, then drain node 4: its replica moves away, the data stays.
     let more = load("b", &client, 200, 16, 2).await;
-    let mut journal = journal;
     journal.acks.extend(more.acks);
     journal.unacked.extend(more.unacked);
     let reply = admin
