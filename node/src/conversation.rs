@@ -151,27 +151,50 @@ impl ConversationService {
                 Err(e) => Self::classify(e),
             };
         }
-        let Some(target) = self.forward_target(group, req.hops) else {
+        let mut fwd = req.clone();
+        fwd.hops += 1;
+        self.forward(
+            group,
+            req.hops,
+            "append",
+            fwd,
+            |mut client, request| async move { client.append(request).await },
+        )
+        .await
+    }
+
+    /// Sends a request this node cannot serve to the node it believes leads `group`,
+    /// once; the caller's retry loop handles what comes back.
+    async fn forward<Req, Resp, F, Fut>(
+        &self,
+        group: GroupId,
+        hops: u32,
+        service: &str,
+        fwd: Req,
+        call: F,
+    ) -> Result<Attempt<Resp>, ApiError>
+    where
+        F: FnOnce(ConversationLogClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let Some(target) = self.forward_target(group, hops) else {
             return Ok(Attempt::Retry(ApiError::NotLeader {
                 group,
                 leader: None,
             }));
         };
-        let mut fwd = req.clone();
-        fwd.hops += 1;
         self.cluster
             .metrics
             .forwarded_total
-            .with_label_values(&["append"])
+            .with_label_values(&[service])
             .inc();
         let channel = match self.cluster.channel_to(target) {
             Ok(c) => c,
             Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
         };
-        let mut client = ConversationLogClient::new(channel);
         let mut request = Request::new(fwd);
         request.set_timeout(self.cluster.request_timeout());
-        match client.append(request).await {
+        match call(ConversationLogClient::new(channel), request).await {
             Ok(reply) => {
                 self.cluster.note_leader(group, Some(target));
                 Ok(Attempt::Done(reply.into_inner()))
@@ -278,29 +301,16 @@ impl ConversationService {
                 .collect();
             return Ok(Attempt::Done(ReadReply { entries, last_seq }));
         }
-        let Some(target) = self.forward_target(group, req.hops) else {
-            return Ok(Attempt::Retry(ApiError::NotLeader {
-                group,
-                leader: None,
-            }));
-        };
         let mut fwd = req.clone();
         fwd.hops += 1;
-        self.cluster
-            .metrics
-            .forwarded_total
-            .with_label_values(&["read"])
-            .inc();
-        let channel = match self.cluster.channel_to(target) {
-            Ok(c) => c,
-            Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
-        };
-        let mut request = Request::new(fwd);
-        request.set_timeout(self.cluster.request_timeout());
-        match ConversationLogClient::new(channel).read(request).await {
-            Ok(reply) => Ok(Attempt::Done(reply.into_inner())),
-            Err(status) => Self::forward_status(&self.cluster, group, target, status),
-        }
+        self.forward(
+            group,
+            req.hops,
+            "read",
+            fwd,
+            |mut client, request| async move { client.read(request).await },
+        )
+        .await
     }
 
     fn record_error(&self, service: &str, e: &ApiError) {
