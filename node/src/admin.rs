@@ -136,6 +136,7 @@ impl AdminService {
                 http_addr: n.http_addr.clone(),
                 zone: n.zone.clone(),
                 state: NodeState::Active,
+                client_addr: n.client_addr.clone(),
             };
             nodes.insert(n.node_id, info);
         }
@@ -268,6 +269,7 @@ impl AdminService {
                         addr: n.addr.clone(),
                         http_addr: n.http_addr.clone(),
                         zone: n.zone.clone(),
+                        client_addr: n.client_addr.clone(),
                     }),
                     state: n.state.as_str().into(),
                     reachable: st.is_some(),
@@ -609,6 +611,7 @@ impl Admin for AdminService {
                 http_addr: n.http_addr,
                 zone: n.zone,
                 state: NodeState::Active,
+                client_addr: n.client_addr,
             };
             let epoch = self
                 .cluster

@@ -36,6 +36,25 @@ pub struct NodeConfig {
     pub min_free_disk_bytes: u64,
     /// Allow the `SetFaults` admin call (tests only).
     pub fault_injection: bool,
+    /// Client WebSocket listen address; empty serves no clients.
+    pub client_listen: String,
+    /// Address clients and peers (proxying) use to reach `client_listen`; defaults to it.
+    pub client_advertise: Option<String>,
+    /// Ed25519 private key (PKCS#8 PEM) that signs and checks client tokens; the same
+    /// on every node. Required when `client_listen` is set.
+    pub token_key_file: Option<PathBuf>,
+    /// Lifetime of a client token.
+    pub token_ttl_secs: u64,
+    /// Sends per user per second (token bucket refill rate).
+    pub rate_limit_per_s: u32,
+    /// Token bucket size: the burst a user may send at once.
+    pub rate_limit_burst: u32,
+    /// Server WebSocket ping interval.
+    pub ws_ping_interval_ms: u64,
+    /// A connection silent (no frame, ping or pong) this long is closed.
+    pub ws_idle_timeout_ms: u64,
+    /// Outgoing frames queued per connection before a slow reader is disconnected.
+    pub ws_send_queue: usize,
 }
 
 impl Default for NodeConfig {
@@ -55,6 +74,15 @@ impl Default for NodeConfig {
             snapshot_every_entries: 20_000,
             min_free_disk_bytes: 64 * 1024 * 1024,
             fault_injection: false,
+            client_listen: "127.0.0.1:9000".into(),
+            client_advertise: None,
+            token_key_file: None,
+            token_ttl_secs: 24 * 3600,
+            rate_limit_per_s: 200,
+            rate_limit_burst: 400,
+            ws_ping_interval_ms: 20_000,
+            ws_idle_timeout_ms: 60_000,
+            ws_send_queue: 1024,
         }
     }
 }
@@ -96,6 +124,13 @@ impl NodeConfig {
             .unwrap_or_else(|| self.listen.clone())
     }
 
+    /// The client address peers and clients should use; empty when no client endpoint.
+    pub fn client_advertised(&self) -> String {
+        self.client_advertise
+            .clone()
+            .unwrap_or_else(|| self.client_listen.clone())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be set and >= 1".into()));
@@ -115,6 +150,35 @@ impl NodeConfig {
         {
             return Err(ConfigError::Invalid(
                 "listen and http must be ip:port socket addresses".into(),
+            ));
+        }
+        if !self.client_listen.is_empty() {
+            if self.client_listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid(
+                    "client_listen must be an ip:port socket address".into(),
+                ));
+            }
+            if self.token_key_file.is_none() {
+                return Err(ConfigError::Invalid(
+                    "token_key_file is required when client_listen is set \
+                     (create one with `parley-node gen-token-key PATH`)"
+                        .into(),
+                ));
+            }
+        }
+        if self.rate_limit_per_s == 0 || self.rate_limit_burst == 0 {
+            return Err(ConfigError::Invalid(
+                "rate_limit_per_s and rate_limit_burst must be >= 1".into(),
+            ));
+        }
+        if self.ws_send_queue == 0 || self.ws_ping_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "ws_send_queue and ws_ping_interval_ms must be >= 1".into(),
+            ));
+        }
+        if self.ws_idle_timeout_ms <= self.ws_ping_interval_ms {
+            return Err(ConfigError::Invalid(
+                "ws_idle_timeout_ms must exceed ws_ping_interval_ms".into(),
             ));
         }
         Ok(())
@@ -160,6 +224,14 @@ mod tests {
         assert_eq!(c.node_id, 7);
         assert_eq!(c.max_payload_bytes, 1024);
         assert_eq!(c.http, NodeConfig::default().http);
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid(_))),
+            "no token key"
+        );
+        let c = NodeConfig {
+            token_key_file: Some(dir.path().join("key.pem")),
+            ..c
+        };
         c.validate().expect("valid");
         c.raft_config().expect("raft config");
     }

@@ -1,5 +1,9 @@
-//! The conversation-log service: append and read, accepted by any node and carried
-//! to the leader of the shard group that owns the conversation's slot.
+//! The conversation-log service: append and read, and the messaging state beside the
+//! log (cursors, accounts, conversation indexes), accepted by any node and carried to
+//! the leader of the shard group that owns the routing key's slot.
+//!
+//! The gateway calls the same entry points in process ([`ConversationService::append_entry`],
+//! [`ConversationService::propose`], ...); peers reach them over gRPC.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -7,14 +11,18 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use openraft::ReadPolicy;
 use parley_proto::node::v1::conversation_log_client::ConversationLogClient;
 use parley_proto::node::v1::conversation_log_server::ConversationLog;
-use parley_proto::node::v1::{AppendReply, AppendRequest, LogEntry, ReadReply, ReadRequest};
+use parley_proto::node::v1::{
+    AppendReply, AppendRequest, LogEntry, ProposeReply, ProposeRequest, QueryReply, QueryRequest,
+    ReadReply, ReadRequest,
+};
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{backoff, Cluster};
 use crate::error::ApiError;
+use crate::messaging_state::{MessagingOp, MessagingQuery, MessagingResponse, QueryResult};
 use crate::placement::{slot_of, GroupId, NodeId};
 use crate::state_machine::GroupStateMachine;
-use crate::types::{AppendCommand, Command, CommandResponse};
+use crate::types::{decode, encode, AppendCommand, Command, CommandResponse};
 
 /// Longest accepted conversation id, sender and idempotency key, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
@@ -313,6 +321,198 @@ impl ConversationService {
         .await
     }
 
+    /// Runs `once` a single time for a forwarded request (the first node owns the retry
+    /// loop), or with retries until the deadline for a request that starts here.
+    async fn serve<T, F, Fut>(&self, hops: u32, mut once: F) -> Result<T, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, ApiError>>,
+    {
+        if hops > 0 {
+            return match once().await? {
+                Attempt::Done(r) => Ok(r),
+                Attempt::Retry(e) => Err(e),
+            };
+        }
+        self.with_retries(once).await
+    }
+
+    /// Validates and appends; returns once the entry is committed and applied.
+    pub async fn append_entry(&self, req: AppendRequest) -> Result<AppendReply, ApiError> {
+        let res = async {
+            validate_append(&req, self.cluster.config.max_payload_bytes)?;
+            if self.cluster.replicas.engine().is_disk_full() {
+                return Err(ApiError::DiskFull {
+                    node: self.cluster.node_id(),
+                });
+            }
+            self.serve(req.hops, || self.append_once(&req)).await
+        }
+        .await;
+        if let Err(e) = &res {
+            self.record_error("append", e);
+        }
+        res
+    }
+
+    /// Reads entries (linearizable, at the group's leader).
+    pub async fn read_entries(&self, req: ReadRequest) -> Result<ReadReply, ApiError> {
+        let res = async {
+            check_id("conversation_id", &req.conversation_id, false)?;
+            if req.limit == 0 {
+                return Err(ApiError::InvalidArgument("limit must be at least 1".into()));
+            }
+            self.serve(req.hops, || self.read_once(&req)).await
+        }
+        .await;
+        if let Err(e) = &res {
+            self.record_error("read", e);
+        }
+        res
+    }
+
+    /// Commits a messaging op in the group owning `routing_key` and returns its result.
+    pub async fn propose(
+        &self,
+        routing_key: &str,
+        op: &MessagingOp,
+    ) -> Result<MessagingResponse, ApiError> {
+        let req = ProposeRequest {
+            routing_key: routing_key.into(),
+            op: encode(op).map_err(|e| ApiError::Internal(e.to_string()))?,
+            hops: 0,
+        };
+        let reply = self.propose_request(req).await?;
+        decode(&reply.response).map_err(|e| ApiError::Internal(format!("propose reply: {e}")))
+    }
+
+    /// Reads messaging state in the group owning `routing_key` (linearizable).
+    pub async fn query(
+        &self,
+        routing_key: &str,
+        q: &MessagingQuery,
+    ) -> Result<QueryResult, ApiError> {
+        let req = QueryRequest {
+            routing_key: routing_key.into(),
+            query: encode(q).map_err(|e| ApiError::Internal(e.to_string()))?,
+            hops: 0,
+        };
+        let reply = self.query_request(req).await?;
+        decode(&reply.result).map_err(|e| ApiError::Internal(format!("query reply: {e}")))
+    }
+
+    async fn propose_request(&self, req: ProposeRequest) -> Result<ProposeReply, ApiError> {
+        let res = async {
+            check_id("routing_key", &req.routing_key, false)?;
+            let op: MessagingOp = decode(&req.op)
+                .map_err(|e| ApiError::InvalidArgument(format!("undecodable op: {e}")))?;
+            if self.cluster.replicas.engine().is_disk_full() {
+                return Err(ApiError::DiskFull {
+                    node: self.cluster.node_id(),
+                });
+            }
+            self.serve(req.hops, || self.propose_once(&req, &op)).await
+        }
+        .await;
+        if let Err(e) = &res {
+            self.record_error("propose", e);
+        }
+        res
+    }
+
+    async fn propose_once(
+        &self,
+        req: &ProposeRequest,
+        op: &MessagingOp,
+    ) -> Result<Attempt<ProposeReply>, ApiError> {
+        let (group, slot) = match self.group_for(&req.routing_key) {
+            Ok(v) => v,
+            Err(e) => return Self::classify(e),
+        };
+        if let Some(raft) = self.cluster.local_leader(group) {
+            let cmd = Command::Messaging {
+                slot,
+                op: op.clone(),
+            };
+            return match self.cluster.propose_local(group, &raft, cmd).await {
+                Ok(CommandResponse::Messaging(r)) => Ok(Attempt::Done(ProposeReply {
+                    response: encode(&r).map_err(|e| ApiError::Internal(e.to_string()))?,
+                })),
+                Ok(CommandResponse::Moved { epoch }) => {
+                    Ok(Attempt::Retry(ApiError::Moved { epoch }))
+                }
+                Ok(other) => Err(ApiError::Internal(format!(
+                    "unexpected messaging response {other:?}"
+                ))),
+                Err(e) => Self::classify(e),
+            };
+        }
+        let mut fwd = req.clone();
+        fwd.hops += 1;
+        self.forward(
+            group,
+            req.hops,
+            "propose",
+            fwd,
+            |mut client, request| async move { client.propose(request).await },
+        )
+        .await
+    }
+
+    async fn query_request(&self, req: QueryRequest) -> Result<QueryReply, ApiError> {
+        let res = async {
+            check_id("routing_key", &req.routing_key, false)?;
+            let q: MessagingQuery = decode(&req.query)
+                .map_err(|e| ApiError::InvalidArgument(format!("undecodable query: {e}")))?;
+            self.serve(req.hops, || self.query_once(&req, &q)).await
+        }
+        .await;
+        if let Err(e) = &res {
+            self.record_error("query", e);
+        }
+        res
+    }
+
+    async fn query_once(
+        &self,
+        req: &QueryRequest,
+        q: &MessagingQuery,
+    ) -> Result<Attempt<QueryReply>, ApiError> {
+        let (group, _) = match self.group_for(&req.routing_key) {
+            Ok(v) => v,
+            Err(e) => return Self::classify(e),
+        };
+        if let Some(raft) = self.cluster.local_leader(group) {
+            if let Err(e) = raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                return Ok(Attempt::Retry(ApiError::NotLeader {
+                    group,
+                    leader: e.forward_to_leader().and_then(|f| f.leader_id),
+                }));
+            }
+            let engine = self.cluster.replicas.engine().clone();
+            let q = q.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                GroupStateMachine::messaging_query(&engine, group, &q)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            return Ok(Attempt::Done(QueryReply {
+                result: encode(&result).map_err(|e| ApiError::Internal(e.to_string()))?,
+            }));
+        }
+        let mut fwd = req.clone();
+        fwd.hops += 1;
+        self.forward(
+            group,
+            req.hops,
+            "query",
+            fwd,
+            |mut client, request| async move { client.query(request).await },
+        )
+        .await
+    }
+
     fn record_error(&self, service: &str, e: &ApiError) {
         self.cluster
             .metrics
@@ -335,50 +535,34 @@ impl ConversationLog for ConversationService {
         &self,
         request: Request<AppendRequest>,
     ) -> Result<Response<AppendReply>, Status> {
-        let req = request.into_inner();
-        let res = async {
-            validate_append(&req, self.cluster.config.max_payload_bytes)?;
-            if self.cluster.replicas.engine().is_disk_full() {
-                return Err(ApiError::DiskFull {
-                    node: self.cluster.node_id(),
-                });
-            }
-            if req.hops > 0 {
-                // A forwarded request is tried once here; the first node owns the retry loop.
-                return match self.append_once(&req).await? {
-                    Attempt::Done(r) => Ok(r),
-                    Attempt::Retry(e) => Err(e),
-                };
-            }
-            self.with_retries(|| self.append_once(&req)).await
-        }
-        .await;
-        res.map(Response::new).map_err(|e| {
-            self.record_error("append", &e);
-            e.into()
-        })
+        self.append_entry(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
-        let req = request.into_inner();
-        let res = async {
-            check_id("conversation_id", &req.conversation_id, false)?;
-            if req.limit == 0 {
-                return Err(ApiError::InvalidArgument("limit must be at least 1".into()));
-            }
-            if req.hops > 0 {
-                return match self.read_once(&req).await? {
-                    Attempt::Done(r) => Ok(r),
-                    Attempt::Retry(e) => Err(e),
-                };
-            }
-            self.with_retries(|| self.read_once(&req)).await
-        }
-        .await;
-        res.map(Response::new).map_err(|e| {
-            self.record_error("read", &e);
-            e.into()
-        })
+        self.read_entries(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeReply>, Status> {
+        self.propose_request(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryReply>, Status> {
+        self.query_request(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 

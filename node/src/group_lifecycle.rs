@@ -69,6 +69,7 @@ impl GroupLifecycle {
             addr: c.advertised(),
             http_addr: c.http.clone(),
             zone: c.zone.clone(),
+            client_addr: c.client_advertised(),
         };
         for peer in &c.join {
             let Ok(channel) = self.cluster.pool().channel(peer) else {

@@ -22,6 +22,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Administer a running cluster through one of its nodes.
     Admin(AdminArgs),
+    /// Write a new Ed25519 client-token signing key (PKCS#8 PEM) to PATH; refuses to
+    /// overwrite an existing file.
+    GenTokenKey { path: PathBuf },
 }
 
 /// Flags override the TOML file, which overrides the defaults.
@@ -63,6 +66,21 @@ struct RunArgs {
     /// Allow the SetFaults admin call (tests only).
     #[arg(long)]
     fault_injection: bool,
+    /// Client WebSocket listen address, ip:port ("" for none).
+    #[arg(long, env = "PARLEY_CLIENT_LISTEN")]
+    client_listen: Option<String>,
+    /// Address clients and proxying peers use to reach the client port, host:port.
+    #[arg(long, env = "PARLEY_CLIENT_ADVERTISE")]
+    client_advertise: Option<String>,
+    /// Ed25519 PKCS#8 PEM key that signs client tokens (same file on every node).
+    #[arg(long, env = "PARLEY_TOKEN_KEY_FILE")]
+    token_key_file: Option<PathBuf>,
+    #[arg(long)]
+    token_ttl_secs: Option<u64>,
+    #[arg(long)]
+    rate_limit_per_s: Option<u32>,
+    #[arg(long)]
+    rate_limit_burst: Option<u32>,
 }
 
 impl RunArgs {
@@ -85,10 +103,20 @@ impl RunArgs {
             heartbeat_ms,
             election_timeout_ms,
             snapshot_every_entries,
-            min_free_disk_bytes
+            min_free_disk_bytes,
+            client_listen,
+            token_ttl_secs,
+            rate_limit_per_s,
+            rate_limit_burst
         );
         if self.advertise.is_some() {
             c.advertise = self.advertise;
+        }
+        if self.client_advertise.is_some() {
+            c.client_advertise = self.client_advertise;
+        }
+        if self.token_key_file.is_some() {
+            c.token_key_file = self.token_key_file;
         }
         if !self.join.is_empty() {
             c.join = self.join;
@@ -112,7 +140,7 @@ struct AdminArgs {
 enum AdminCommand {
     /// One-time: create the metadata group on three nodes and the initial shard groups.
     Bootstrap {
-        /// ID=GRPC_ADDR[,HTTP_ADDR], exactly three times.
+        /// ID=GRPC_ADDR[,HTTP_ADDR[,CLIENT_ADDR]], exactly three times.
         #[arg(long = "node", required = true)]
         nodes: Vec<String>,
         #[arg(long, default_value_t = 12)]
@@ -151,13 +179,17 @@ enum AdminCommand {
 fn parse_node(spec: &str) -> anyhow::Result<NodeAddress> {
     let (id, addrs) = spec
         .split_once('=')
-        .context("expected ID=GRPC_ADDR[,HTTP_ADDR]")?;
-    let (addr, http) = addrs.split_once(',').unwrap_or((addrs, ""));
+        .context("expected ID=GRPC_ADDR[,HTTP_ADDR[,CLIENT_ADDR]]")?;
+    let mut parts = addrs.split(',');
+    let addr = parts.next().unwrap_or_default();
+    let http = parts.next().unwrap_or_default();
+    let client = parts.next().unwrap_or_default();
     Ok(NodeAddress {
         node_id: id.parse().context("node id")?,
         addr: addr.into(),
         http_addr: http.into(),
         zone: String::new(),
+        client_addr: client.into(),
     })
 }
 
@@ -313,6 +345,12 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(0)
         }
         Command::Admin(args) => admin(args).await,
+        Command::GenTokenKey { path } => {
+            parley_node::tokens::write_new_key(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+            Ok(())
+        }
     }
     .or_else(|e| {
         if e.downcast_ref::<tonic::Status>().is_some() {

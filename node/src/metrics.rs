@@ -1,8 +1,8 @@
 //! Prometheus metrics of a node, served on the admin port at `/metrics`.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric a node exports. Names are part of the dashboards' and alerts' contract.
@@ -26,6 +26,22 @@ pub struct Metrics {
     pub wal_sync_seconds: Histogram,
     /// Appends made durable by one WAL fsync.
     pub wal_sync_batch: Histogram,
+    /// Open client WebSocket connections, by kind (direct, proxied_out, proxied_in).
+    pub connections: IntGaugeVec,
+    /// Authenticated sessions held here (users homed on this node).
+    pub sessions: IntGauge,
+    /// Client messages by stage: sent (committed), delivered and read (cursor advances).
+    pub messages_total: IntCounterVec,
+    /// Commit of a message to its frame being queued on the recipient's sessions.
+    pub delivery_seconds: Histogram,
+    /// Messages committed while the recipient had no open session (they wait for a sync).
+    pub offline_messages_total: IntCounter,
+    /// Messages sent to devices by `Sync` (pending while they were away).
+    pub sync_messages_total: IntCounter,
+    /// Client requests refused, by error code.
+    pub client_errors_total: IntCounterVec,
+    /// Connections closed for a full outgoing queue.
+    pub slow_consumers_total: IntCounter,
 }
 
 impl Metrics {
@@ -96,6 +112,55 @@ impl Metrics {
                 .buckets(exponential_buckets(1.0, 2.0, 12).unwrap_or_default()),
             )
             .expect("valid metric"),
+            connections: IntGaugeVec::new(
+                Opts::new("parley_connections", "Open client WebSocket connections"),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            sessions: IntGauge::new(
+                "parley_sessions",
+                "Authenticated client sessions held by this node",
+            )
+            .expect("valid metric"),
+            messages_total: IntCounterVec::new(
+                Opts::new(
+                    "parley_messages_total",
+                    "Client messages sent, delivered and read",
+                ),
+                &["stage"],
+            )
+            .expect("valid metric"),
+            delivery_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "parley_delivery_seconds",
+                    "Commit of a message to its push onto the recipient's sessions",
+                )
+                .buckets(exponential_buckets(0.0002, 2.0, 16).unwrap_or_default()),
+            )
+            .expect("valid metric"),
+            offline_messages_total: IntCounter::new(
+                "parley_offline_messages_total",
+                "Messages committed while the recipient had no open session",
+            )
+            .expect("valid metric"),
+            sync_messages_total: IntCounter::new(
+                "parley_sync_messages_total",
+                "Pending messages sent to devices by sync",
+            )
+            .expect("valid metric"),
+            client_errors_total: IntCounterVec::new(
+                Opts::new(
+                    "parley_client_errors_total",
+                    "Client requests refused, by error code",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
+            slow_consumers_total: IntCounter::new(
+                "parley_slow_consumers_total",
+                "Connections closed because their outgoing queue was full",
+            )
+            .expect("valid metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -111,6 +176,14 @@ impl Metrics {
             Box::new(m.disk_full.clone()),
             Box::new(m.wal_sync_seconds.clone()),
             Box::new(m.wal_sync_batch.clone()),
+            Box::new(m.connections.clone()),
+            Box::new(m.sessions.clone()),
+            Box::new(m.messages_total.clone()),
+            Box::new(m.delivery_seconds.clone()),
+            Box::new(m.offline_messages_total.clone()),
+            Box::new(m.sync_messages_total.clone()),
+            Box::new(m.client_errors_total.clone()),
+            Box::new(m.slow_consumers_total.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -54,10 +54,13 @@ impl NodeState {
 /// A registered node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
+    /// gRPC address (Raft, forwarding, delivery, admin).
     pub addr: String,
     pub http_addr: String,
     pub zone: String,
     pub state: NodeState,
+    /// Client WebSocket address; empty for a node that serves no clients.
+    pub client_addr: String,
 }
 
 /// Where one shard group lives.
@@ -442,6 +445,7 @@ mod tests {
             http_addr: String::new(),
             zone: String::new(),
             state: NodeState::Active,
+            client_addr: String::new(),
         }
     }
 

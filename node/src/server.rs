@@ -9,15 +9,21 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 use parley_proto::node::v1::admin_server::AdminServer;
 use parley_proto::node::v1::conversation_log_server::ConversationLogServer;
+use parley_proto::node::v1::delivery_server::DeliveryServer;
 use parley_proto::node::v1::raft_transport_server::RaftTransportServer;
 
+use crate::accounts::Accounts;
 use crate::admin::AdminService;
 use crate::cluster::Cluster;
 use crate::config::NodeConfig;
 use crate::conversation::ConversationService;
+use crate::delivery::{CloseReason, Delivery, DeliveryService};
+use crate::gateway::Gateway;
 use crate::group_lifecycle::GroupLifecycle;
+use crate::messaging::Messaging;
 use crate::metrics::Metrics;
 use crate::replicas::Replicas;
+use crate::router::Router;
 use crate::storage::Engine;
 use crate::transport::{Faults, PeerPool, RaftTransportService};
 
@@ -30,6 +36,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    let tokens = match &config.token_key_file {
+        Some(path) => Some(crate::tokens::TokenAuthority::from_pem_file(
+            path,
+            Duration::from_secs(config.token_ttl_secs),
+        )?),
+        None => None,
+    };
     let raft_config = Arc::new(config.raft_config()?);
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::open(&config.data_dir, metrics.clone()).context("opening storage")?;
@@ -40,6 +53,14 @@ pub async fn run(
     let cluster = Cluster::new(config.clone(), replicas.clone(), metrics.clone());
     let lifecycle = GroupLifecycle::new(cluster.clone());
     tokio::spawn(lifecycle.clone().run());
+
+    let log = Arc::new(ConversationService {
+        cluster: cluster.clone(),
+    });
+    let router = Router::new(cluster.clone());
+    tokio::spawn(router.clone().run_probes());
+    let delivery = Delivery::new(cluster.clone(), router.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let grpc_addr = config.listen.parse().context("listen address")?;
     let grpc = tonic::transport::Server::builder()
@@ -52,8 +73,12 @@ pub async fn run(
             .max_encoding_message_size(MAX_GRPC_MESSAGE),
         )
         .add_service(
-            ConversationLogServer::new(ConversationService {
-                cluster: cluster.clone(),
+            ConversationLogServer::from_arc(log.clone())
+                .max_decoding_message_size(MAX_GRPC_MESSAGE),
+        )
+        .add_service(
+            DeliveryServer::new(DeliveryService {
+                delivery: delivery.clone(),
             })
             .max_decoding_message_size(MAX_GRPC_MESSAGE),
         )
@@ -64,10 +89,55 @@ pub async fn run(
     let http_listener = tokio::net::TcpListener::bind(&config.http)
         .await
         .with_context(|| format!("binding {}", config.http))?;
-    let http = axum::serve(http_listener, crate::http::router(metrics, lifecycle));
-    tracing::info!(node = config.node_id, grpc = %config.listen, http = %config.http, "node started");
+    let http = axum::serve(
+        http_listener,
+        crate::http::router(metrics.clone(), lifecycle),
+    );
+    let client_task = match tokens {
+        Some(tokens) if !config.client_listen.is_empty() => {
+            let accounts = Accounts::new(log.clone(), tokens);
+            let messaging = Messaging::new(
+                log.clone(),
+                accounts.clone(),
+                delivery.clone(),
+                config.rate_limit_per_s,
+                config.rate_limit_burst,
+            );
+            let trim = messaging.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    trim.trim_rate_limits();
+                }
+            });
+            let gw = Arc::new(Gateway {
+                config: config.clone(),
+                accounts,
+                messaging,
+                delivery: delivery.clone(),
+                router: router.clone(),
+                metrics: metrics.clone(),
+                shutdown: stop_rx.clone(),
+            });
+            let listener = tokio::net::TcpListener::bind(&config.client_listen)
+                .await
+                .with_context(|| format!("binding {}", config.client_listen))?;
+            let mut client_stop = stop_rx.clone();
+            let app = crate::gateway::routes(gw);
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = client_stop.wait_for(|s| *s).await;
+                    })
+                    .await
+            }))
+        }
+        _ => None,
+    };
+    tracing::info!(node = config.node_id, grpc = %config.listen, http = %config.http,
+        client = %config.client_listen, "node started");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut grpc_stop = stop_rx.clone();
     let grpc_task = tokio::spawn(grpc.serve_with_shutdown(grpc_addr, async move {
         let _ = grpc_stop.wait_for(|s| *s).await;
@@ -81,12 +151,22 @@ pub async fn run(
     });
 
     shutdown.await;
-    tracing::info!("shutting down: handing leaderships to other voters");
+    // Stop being anyone's home, then close client sessions: clients reconnect to other
+    // nodes (peers see this node as leaving at their next probe) and sync.
+    router.leave();
+    let sessions = delivery.close_all(CloseReason::ShuttingDown);
+    tracing::info!(
+        sessions,
+        "shutting down: sessions closed, handing leaderships to other voters"
+    );
     hand_off_leaderships(&cluster, Duration::from_secs(10)).await;
     let _ = stop_tx.send(true);
     replicas.shutdown().await;
     let _ = grpc_task.await;
     let _ = http_task.await;
+    if let Some(t) = client_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     replicas.engine().sync_now().context("final WAL sync")?;
     tracing::info!("node stopped");
     Ok(())

@@ -28,6 +28,7 @@ use rocksdb::{ReadOptions, WriteBatch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::messaging_state;
 use crate::placement::{GroupId, PlacementMap, Slot};
 use crate::storage::{group_end, group_prefix, meta_key, Engine, CF_META, CF_STATE};
 use crate::types::{
@@ -123,6 +124,14 @@ pub struct GroupStateMachine {
     heads: HashMap<String, (u64, i64)>,
 }
 
+/// Writes of the batch being applied that later commands of the same batch must see.
+#[derive(Default)]
+struct Pending {
+    heads: HashMap<String, (u64, i64)>,
+    dedupe: HashMap<Vec<u8>, (u64, i64)>,
+    messaging: messaging_state::Overlay,
+}
+
 /// Heads cached per group before the cache is dropped and refilled from disk.
 const HEAD_CACHE_LIMIT: usize = 200_000;
 
@@ -186,19 +195,44 @@ impl GroupStateMachine {
         Ok(())
     }
 
+    /// `Some(moved)` when this group does not own `slot`.
+    fn check_slot(&self, slot: Slot) -> Option<CommandResponse> {
+        let Some(range) = self.slots else {
+            return Some(CommandResponse::Moved { epoch: 0 });
+        };
+        if !(range.start..=range.end).contains(&slot) {
+            return Some(CommandResponse::Moved { epoch: range.epoch });
+        }
+        None
+    }
+
+    /// A conversation's `(last seq, last time)`, seeing this batch's appends.
+    fn head_of(
+        &self,
+        conversation: &str,
+        heads: &HashMap<String, (u64, i64)>,
+    ) -> std::io::Result<(u64, i64)> {
+        match heads
+            .get(conversation)
+            .or_else(|| self.heads.get(conversation))
+        {
+            Some(h) => Ok(*h),
+            None => Ok(self
+                .get::<(u64, i64)>(&head_key(self.group, conversation))?
+                .unwrap_or((0, 0))),
+        }
+    }
+
     fn apply_append(
         &self,
         cmd: &AppendCommand,
         batch: &mut WriteBatch,
-        heads: &mut HashMap<String, (u64, i64)>,
-        dedupe: &mut HashMap<Vec<u8>, (u64, i64)>,
+        pending: &mut Pending,
     ) -> std::io::Result<CommandResponse> {
-        let Some(range) = self.slots else {
-            return Ok(CommandResponse::Moved { epoch: 0 });
-        };
-        if !(range.start..=range.end).contains(&cmd.slot) {
-            return Ok(CommandResponse::Moved { epoch: range.epoch });
+        if let Some(moved) = self.check_slot(cmd.slot) {
+            return Ok(moved);
         }
+        let Pending { heads, dedupe, .. } = pending;
         let cf = self.engine.cf_io(CF_STATE)?;
         let dkey = dedupe_key(
             self.group,
@@ -217,15 +251,7 @@ impl GroupStateMachine {
                 duplicate: true,
             });
         }
-        let cached = heads
-            .get(&cmd.conversation)
-            .or_else(|| self.heads.get(&cmd.conversation));
-        let (last_seq, last_time) = match cached {
-            Some(h) => *h,
-            None => self
-                .get::<(u64, i64)>(&head_key(self.group, &cmd.conversation))?
-                .unwrap_or((0, 0)),
-        };
+        let (last_seq, last_time) = self.head_of(&cmd.conversation, heads)?;
         let seq = last_seq + 1;
         let server_time_ms = cmd.proposed_at_ms.max(last_time);
         let msg = StoredMessage {
@@ -258,12 +284,29 @@ impl GroupStateMachine {
         &mut self,
         cmd: &Command,
         batch: &mut WriteBatch,
-        heads: &mut HashMap<String, (u64, i64)>,
-        dedupe: &mut HashMap<Vec<u8>, (u64, i64)>,
+        pending: &mut Pending,
     ) -> std::io::Result<CommandResponse> {
         let is_meta = self.placement_tx.is_some();
         match cmd {
-            Command::Append(a) if !is_meta => self.apply_append(a, batch, heads, dedupe),
+            Command::Append(a) if !is_meta => self.apply_append(a, batch, pending),
+            Command::Messaging { slot, op } if !is_meta => {
+                if let Some(moved) = self.check_slot(*slot) {
+                    return Ok(moved);
+                }
+                let Pending {
+                    heads, messaging, ..
+                } = pending;
+                let heads = &*heads;
+                let resp = messaging_state::apply(
+                    &self.engine,
+                    self.group,
+                    op,
+                    batch,
+                    messaging,
+                    |conv| self.head_of(conv, heads).map(|h| h.0),
+                )?;
+                Ok(CommandResponse::Messaging(resp))
+            }
             Command::AssignSlots { start, end, epoch } if !is_meta => {
                 let range = SlotRange {
                     start: *start,
@@ -309,6 +352,25 @@ impl GroupStateMachine {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Serves a messaging query from local state (the caller confirmed it is current).
+    pub fn messaging_query(
+        engine: &Engine,
+        group: GroupId,
+        q: &messaging_state::MessagingQuery,
+    ) -> std::io::Result<messaging_state::QueryResult> {
+        let cf = engine.cf_io(CF_STATE)?;
+        messaging_state::query(engine, group, q, |conv| {
+            match engine
+                .db()
+                .get_pinned_cf(cf, head_key(group, conv))
+                .map_err(crate::storage::engine_io_err)?
+            {
+                Some(v) => Ok(decode::<(u64, i64)>(&v)?.0),
+                None => Ok(0),
+            }
+        })
     }
 
     /// Reads a conversation's entries `from_seq..` (at most `limit`) and its last seq.
@@ -368,8 +430,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         Strm: Stream<Item = std::io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         let mut batch = WriteBatch::default();
-        let mut heads = HashMap::new();
-        let mut dedupe = HashMap::new();
+        let mut pending = Pending::default();
         let mut replies = Vec::new();
         let mut placement_changed = false;
         while let Some((entry, responder)) = entries.try_next().await? {
@@ -378,7 +439,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 EntryPayload::Blank => CommandResponse::None,
                 EntryPayload::Normal(cmd) => {
                     placement_changed |= matches!(cmd, Command::Meta(_));
-                    self.apply_command(cmd, &mut batch, &mut heads, &mut dedupe)?
+                    self.apply_command(cmd, &mut batch, &mut pending)?
                 }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id()), m.clone());
@@ -394,14 +455,19 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             state_key(self.group, KEY_APPLIED, &[]),
             encode(&(self.applied, self.membership.clone()))?,
         );
+        // No WAL for state: it is rebuilt from the (synced) Raft log after a crash. The batch
+        // carries its applied log id, so whatever survives in flushed tables is a consistent
+        // prefix; snapshots flush the state first, so the log is never purged past it.
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.disable_wal(true);
         self.engine
             .db()
-            .write(batch)
+            .write_opt(batch, &wo)
             .map_err(crate::storage::engine_io_err)?;
-        if self.heads.len() + heads.len() > HEAD_CACHE_LIMIT {
+        if self.heads.len() + pending.heads.len() > HEAD_CACHE_LIMIT {
             self.heads.clear();
         }
-        self.heads.extend(heads);
+        self.heads.extend(pending.heads);
         if placement_changed {
             if let Some(tx) = &self.placement_tx {
                 let map = Arc::new(self.placement.clone());
@@ -523,6 +589,9 @@ fn build_snapshot_file(engine: &Engine, group: GroupId) -> std::io::Result<Snaps
     let db = engine.db();
     let cf = engine.cf_io(CF_STATE)?;
     let view = db.snapshot();
+    // State is written without the WAL: flush it (a superset of the view just taken) so it is
+    // durable before the log it came from may be purged on the strength of this snapshot.
+    db.flush_cf(cf).map_err(crate::storage::engine_io_err)?;
     let (applied, membership): (Option<LogId>, StoredMembership) = match view
         .get_cf(cf, state_key(group, KEY_APPLIED, &[]))
         .map_err(crate::storage::engine_io_err)?
@@ -665,17 +734,229 @@ mod tests {
     /// Applies commands as one batch, the way `apply` does, and returns the responses.
     fn apply_all(sm: &mut GroupStateMachine, cmds: &[Command]) -> Vec<CommandResponse> {
         let mut batch = WriteBatch::default();
-        let (mut heads, mut dedupe) = (HashMap::new(), HashMap::new());
+        let mut pending = Pending::default();
         let out = cmds
             .iter()
             .map(|c| {
-                sm.apply_command(c, &mut batch, &mut heads, &mut dedupe)
+                sm.apply_command(c, &mut batch, &mut pending)
                     .expect("apply")
             })
             .collect();
         sm.engine.db().write(batch).expect("write");
-        sm.heads.extend(heads);
+        sm.heads.extend(pending.heads);
         out
+    }
+
+    fn messaging(slot: Slot, op: messaging_state::MessagingOp) -> Command {
+        Command::Messaging { slot, op }
+    }
+
+    fn cursor(delivered: u64, read: u64, device: &str) -> Command {
+        messaging(
+            5,
+            messaging_state::MessagingOp::SetCursor {
+                conversation: "c".into(),
+                user: "bob".into(),
+                device: device.into(),
+                delivered,
+                read,
+            },
+        )
+    }
+
+    #[test]
+    fn cursors_only_move_forward_and_never_past_the_last_message() {
+        use messaging_state::{MemberCursors, MessagingQuery, MessagingResponse, QueryResult};
+        let (_dir, engine) = engine();
+        let mut sm = GroupStateMachine::open(engine.clone(), 3, None).expect("open");
+        apply_all(
+            &mut sm,
+            &[Command::AssignSlots {
+                start: 0,
+                end: 99,
+                epoch: 1,
+            }],
+        );
+        // A slot the group does not own is refused like an append.
+        assert_eq!(
+            apply_all(
+                &mut sm,
+                &[messaging(
+                    500,
+                    messaging_state::MessagingOp::SetPrivacy {
+                        user: "x".into(),
+                        read_receipts: false,
+                    }
+                )]
+            ),
+            vec![CommandResponse::Moved { epoch: 1 }]
+        );
+        let r = apply_all(
+            &mut sm,
+            &[
+                append("c", "m1", 5, 1),
+                append("c", "m2", 5, 1),
+                append("c", "m3", 5, 1),
+                // Past the end: clamped to 3. In the same batch as the appends.
+                cursor(10, 0, "phone"),
+                // Backwards: a no-op.
+                cursor(1, 0, "phone"),
+                // Read implies delivered; another device does not lower the member cursor.
+                cursor(0, 2, "laptop"),
+            ],
+        );
+        let cursors: Vec<_> = r[3..].to_vec();
+        assert_eq!(
+            cursors,
+            vec![
+                CommandResponse::Messaging(MessagingResponse::Cursors {
+                    previous: MemberCursors::default(),
+                    member: MemberCursors {
+                        delivered: 3,
+                        read: 0
+                    },
+                    device_delivered: 3,
+                }),
+                CommandResponse::Messaging(MessagingResponse::Cursors {
+                    previous: MemberCursors {
+                        delivered: 3,
+                        read: 0
+                    },
+                    member: MemberCursors {
+                        delivered: 3,
+                        read: 0
+                    },
+                    device_delivered: 3,
+                }),
+                CommandResponse::Messaging(MessagingResponse::Cursors {
+                    previous: MemberCursors {
+                        delivered: 3,
+                        read: 0
+                    },
+                    member: MemberCursors {
+                        delivered: 3,
+                        read: 2
+                    },
+                    device_delivered: 2,
+                }),
+            ]
+        );
+        let q = MessagingQuery::ConversationState {
+            conversation: "c".into(),
+            user: "bob".into(),
+            device: "laptop".into(),
+        };
+        assert_eq!(
+            GroupStateMachine::messaging_query(&engine, 3, &q).expect("query"),
+            QueryResult::ConversationState {
+                last_seq: 3,
+                members: vec![(
+                    "bob".into(),
+                    MemberCursors {
+                        delivered: 3,
+                        read: 2
+                    }
+                )],
+                device_delivered: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn users_are_created_once_and_conversations_indexed_once() {
+        use messaging_state::{
+            DeviceRecord, MessagingOp, MessagingQuery, MessagingResponse, QueryResult,
+        };
+        let (_dir, engine) = engine();
+        let mut sm = GroupStateMachine::open(engine.clone(), 3, None).expect("open");
+        apply_all(
+            &mut sm,
+            &[Command::AssignSlots {
+                start: 0,
+                end: 99,
+                epoch: 1,
+            }],
+        );
+        let create = |secret: u8| {
+            messaging(
+                7,
+                MessagingOp::CreateUser {
+                    user: "alice".into(),
+                    device: DeviceRecord {
+                        device_id: "phone".into(),
+                        secret_sha256: vec![secret; 32],
+                        created_ms: 1,
+                    },
+                },
+            )
+        };
+        let add = |conv: &str, peer: &str| {
+            messaging(
+                7,
+                MessagingOp::AddConversation {
+                    user: "alice".into(),
+                    conversation: conv.into(),
+                    peer: peer.into(),
+                },
+            )
+        };
+        let r = apply_all(
+            &mut sm,
+            &[
+                create(1),
+                create(2),
+                add("dm:alice:bob", "bob"),
+                add("dm:alice:bob", "bob"),
+                add("dm:alice:carol", "carol"),
+            ],
+        );
+        assert_eq!(
+            r[0],
+            CommandResponse::Messaging(MessagingResponse::UserCreated)
+        );
+        assert_eq!(
+            r[1],
+            CommandResponse::Messaging(MessagingResponse::UserExists)
+        );
+        let user = GroupStateMachine::messaging_query(
+            &engine,
+            3,
+            &MessagingQuery::GetUser {
+                user: "alice".into(),
+            },
+        )
+        .expect("query");
+        match user {
+            // The first registration's secret stands.
+            QueryResult::User(Some(u)) => assert_eq!(u.devices[0].secret_sha256, vec![1; 32]),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            GroupStateMachine::messaging_query(
+                &engine,
+                3,
+                &MessagingQuery::Conversations {
+                    user: "alice".into()
+                }
+            )
+            .expect("query"),
+            QueryResult::Conversations(vec![
+                ("dm:alice:bob".into(), "bob".into()),
+                ("dm:alice:carol".into(), "carol".into()),
+            ])
+        );
+        // Another user's index is separate even when one id prefixes the other.
+        assert_eq!(
+            GroupStateMachine::messaging_query(
+                &engine,
+                3,
+                &MessagingQuery::Conversations {
+                    user: "alic".into()
+                }
+            )
+            .expect("query"),
+            QueryResult::Conversations(vec![])
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+use crate::messaging_state::{MessagingOp, MessagingResponse};
 use crate::placement::{GroupId, MetaCommand, MetaResponse, NodeId, Slot};
 
 /// Payload of one conversation-log append, as replicated.
@@ -33,6 +34,9 @@ pub enum Command {
     AssignSlots { start: Slot, end: Slot, epoch: u64 },
     /// Metadata group: change the node registry or the placement map.
     Meta(MetaCommand),
+    /// Shard groups: cursors, accounts, conversation indexes. `slot` is the slot of the
+    /// op's routing key (conversation id or user id).
+    Messaging { slot: Slot, op: MessagingOp },
 }
 
 impl std::fmt::Display for Command {
@@ -45,6 +49,7 @@ impl std::fmt::Display for Command {
                 write!(f, "assign-slots({start}-{end}@{epoch})")
             }
             Command::Meta(m) => write!(f, "meta({m:?})"),
+            Command::Messaging { op, .. } => write!(f, "messaging({op:?})"),
         }
     }
 }
@@ -65,6 +70,7 @@ pub enum CommandResponse {
     },
     SlotsAssigned,
     Meta(MetaResponse),
+    Messaging(MessagingResponse),
     /// The command is not valid for this kind of group.
     Rejected(String),
 }

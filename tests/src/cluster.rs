@@ -31,6 +31,8 @@ pub const NODE_BIN_ENV: &str = "PARLEY_NODE_BIN";
 /// data root (node data and logs) after the cluster is dropped.
 pub const KEEP_DATA_ENV: &str = "PARLEY_KEEP_DATA";
 
+/// File in the data root holding the client-token signing key all nodes share.
+pub const TOKEN_KEY_FILE: &str = "token-key.pem";
 /// Number of nodes that [`LocalCluster::start`] bootstraps the cluster with.
 const BOOTSTRAP_NODES: u64 = 3;
 /// How long [`LocalCluster::stop`] waits after `SIGTERM` before `SIGKILL`.
@@ -53,7 +55,8 @@ pub struct ClusterOptions {
     /// Shard groups created at bootstrap. Default 8.
     pub shard_groups: u32,
     /// `None` (the default) picks free loopback ports. `Some(p)` gives node
-    /// `i` gRPC port `p + 2(i-1)` and HTTP port `p + 2(i-1) + 1`.
+    /// `i` gRPC port `p + 3(i-1)`, HTTP port `p + 3(i-1) + 1` and client
+    /// (WebSocket) port `p + 3(i-1) + 2`.
     pub base_port: Option<u16>,
     /// Start every node with `--fault-injection` (needed by
     /// [`LocalCluster::set_faults`]). Default off.
@@ -146,6 +149,7 @@ struct Node {
     id: u64,
     grpc: SocketAddr,
     http: SocketAddr,
+    client: SocketAddr,
     data_dir: PathBuf,
     log_path: PathBuf,
     binary: PathBuf,
@@ -222,6 +226,7 @@ impl Node {
             addr: self.grpc.to_string(),
             http_addr: self.http.to_string(),
             zone: String::new(),
+            client_addr: self.client.to_string(),
         }
     }
 
@@ -336,11 +341,25 @@ impl LocalCluster {
             .with_context(|| format!("cannot create {}", log_dir.display()))?;
         let ports = node_ports(options.nodes, options.base_port)?;
         let join_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[0].0));
+        let token_key = data_root.join(TOKEN_KEY_FILE);
+        if !token_key.exists() {
+            let out = Command::new(&binary)
+                .arg("gen-token-key")
+                .arg(&token_key)
+                .output()
+                .context("cannot run parley-node gen-token-key")?;
+            ensure!(
+                out.status.success(),
+                "parley-node gen-token-key failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
 
         let mut nodes = BTreeMap::new();
-        for (id, &(grpc_port, http_port)) in (1..=options.nodes).zip(&ports) {
+        for (id, &(grpc_port, http_port, client_port)) in (1..=options.nodes).zip(&ports) {
             let grpc = SocketAddr::from((Ipv4Addr::LOCALHOST, grpc_port));
             let http = SocketAddr::from((Ipv4Addr::LOCALHOST, http_port));
+            let client = SocketAddr::from((Ipv4Addr::LOCALHOST, client_port));
             let data_dir = data_root.join(format!("node-{id}"));
             let mut args = vec![
                 "run".to_owned(),
@@ -352,6 +371,10 @@ impl LocalCluster {
                 http.to_string(),
                 "--data-dir".to_owned(),
                 data_dir.display().to_string(),
+                "--client-listen".to_owned(),
+                client.to_string(),
+                "--token-key-file".to_owned(),
+                token_key.display().to_string(),
             ];
             if options.fault_injection {
                 args.push("--fault-injection".to_owned());
@@ -370,6 +393,7 @@ impl LocalCluster {
                 id,
                 grpc,
                 http,
+                client,
                 log_path: log_dir.join(format!("node-{id}.log")),
                 data_dir,
                 binary: binary.clone(),
@@ -523,6 +547,21 @@ impl LocalCluster {
     }
 
     /// The HTTP (health, metrics) listen address of a node.
+    /// The client WebSocket address (host:port) of node `id`.
+    pub fn client_addr(&self, id: u64) -> SocketAddr {
+        self.node(id).client
+    }
+
+    /// The client WebSocket addresses of every node.
+    pub fn client_endpoints(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.client.to_string()).collect()
+    }
+
+    /// The client-token signing key the nodes share (tests mint tokens with it).
+    pub fn token_key_path(&self) -> PathBuf {
+        self.data_root.join(TOKEN_KEY_FILE)
+    }
+
     pub fn http_addr(&self, id: u64) -> SocketAddr {
         self.node(id).http
     }
@@ -791,24 +830,27 @@ impl Drop for LocalCluster {
 }
 
 /// `(grpc, http)` ports for nodes `1..=count`, from `base_port` or free ones.
-fn node_ports(count: u64, base_port: Option<u16>) -> anyhow::Result<Vec<(u16, u16)>> {
+fn node_ports(count: u64, base_port: Option<u16>) -> anyhow::Result<Vec<(u16, u16, u16)>> {
     let count = usize::try_from(count).context("too many nodes")?;
     match base_port {
         None => {
-            let free = free_loopback_ports(2 * count).context("cannot find free loopback ports")?;
+            let free = free_loopback_ports(3 * count).context("cannot find free loopback ports")?;
             Ok(free
-                .chunks_exact(2)
-                .map(|pair| (pair[0], pair[1]))
+                .chunks_exact(3)
+                .map(|p| (p[0], p[1], p[2]))
                 .collect())
         }
         Some(base) => (0..count)
             .map(|index| {
-                let grpc = u16::try_from(index * 2)
-                    .ok()
-                    .and_then(|offset| base.checked_add(offset));
-                let http = grpc.and_then(|port| port.checked_add(1));
-                grpc.zip(http)
-                    .ok_or_else(|| anyhow!("base port {base} leaves no room for {count} nodes"))
+                let port = |k: usize| {
+                    u16::try_from(index * 3 + k)
+                        .ok()
+                        .and_then(|offset| base.checked_add(offset))
+                };
+                match (port(0), port(1), port(2)) {
+                    (Some(g), Some(h), Some(c)) => Ok((g, h, c)),
+                    _ => Err(anyhow!("base port {base} leaves no room for {count} nodes")),
+                }
             })
             .collect(),
     }

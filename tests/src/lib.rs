@@ -32,5 +32,6 @@ pub mod process;
 
 pub use cluster::{
     leader_counts, node_binary, ClusterOptions, LocalCluster, KEEP_DATA_ENV, NODE_BIN_ENV,
+    TOKEN_KEY_FILE,
 };
 pub use log_client::{error_code, is_retryable, LogClient, RetryPolicy, RETRYABLE_ERROR_CODES};

@@ -1,0 +1,448 @@
+//! One authenticated client session on the user's home node: reads requests, answers
+//! each exactly once, and writes events in per-conversation order.
+//!
+//! Three tasks share a connection: the reader (this function's loop) decodes frames
+//! and runs each request as its own task (at most [`MAX_IN_FLIGHT`] at once, so a
+//! client that pipelines cannot grow memory without bound); the writer drains the
+//! bounded outgoing queue into the socket and pings; the delivery task turns mailbox
+//! events into frames. The delivery task keeps, per conversation, the last seq written
+//! to this device: an event at or below it is dropped, and a gap (events can arrive out
+//! of order from concurrent senders) is filled from the log first, so the device sees
+//! every conversation in seq order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use futures::{SinkExt, StreamExt};
+use parley_proto::v1::{
+    client_frame, event, reply, server_frame, Authenticated, ClientFrame, ErrorCode, Event,
+    Message, PrivacySet, Receipt, ServerFrame, SyncComplete,
+};
+use prost::Message as _;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::client_error::ClientError;
+use crate::delivery::{CloseReason, Closer, Mail};
+use crate::gateway::{close_code, error_frame, reply_frame, stopped, Gateway};
+
+/// Requests of one connection processed at once; further frames wait unread.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Entries read per page when a sync or a gap fill reads the log.
+const PAGE: u32 = 1_000;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Who is on the other end of an authenticated connection.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: String,
+    pub device: String,
+}
+
+/// Runs an authenticated session until the client leaves, misbehaves or the node stops.
+pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_request_id: u64) {
+    let config = &gw.config;
+    let (sink, mut stream) = socket.split();
+    let (out_tx, out_rx) = mpsc::channel::<WsMessage>(config.ws_send_queue);
+    let (mail_tx, mail_rx) = mpsc::channel::<Mail>(config.ws_send_queue);
+    let closer = Arc::new(Closer::default());
+    let _guard = gw
+        .delivery
+        .attach(&who.user, &who.device, mail_tx.clone(), closer.clone());
+    let authenticated = reply_frame(
+        auth_request_id,
+        reply::Result::Authenticated(Authenticated {
+            user_id: who.user.clone(),
+            device_id: who.device.clone(),
+            home_node: gw.router.node_id(),
+            server_time_ms: now_ms(),
+        }),
+    );
+    if out_tx.send(authenticated).await.is_err() {
+        return;
+    }
+    let writer = tokio::spawn(write_loop(
+        sink,
+        out_rx,
+        Duration::from_millis(config.ws_ping_interval_ms),
+    ));
+    let deliverer = tokio::spawn(
+        DeliveryTask {
+            gw: gw.clone(),
+            who: who.clone(),
+            out: out_tx.clone(),
+            last_written: HashMap::new(),
+        }
+        .run(mail_rx, closer.clone()),
+    );
+
+    let idle = Duration::from_millis(config.ws_idle_timeout_ms);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut shutdown = gw.shutdown.clone();
+    let close: Option<(u16, &str, Option<ClientError>)> = loop {
+        let next = tokio::select! {
+            r = tokio::time::timeout(idle, stream.next()) => r,
+            reason = closer.closed() => break Some(match reason {
+                CloseReason::SlowConsumer => (close_code::POLICY, "slow consumer", None),
+                CloseReason::ShuttingDown => (close_code::GOING_AWAY, "node shutting down",
+                    Some(ClientError::new(ErrorCode::GoingAway, "node shutting down; reconnect"))),
+            }),
+            _ = stopped(&mut shutdown) => break Some((close_code::GOING_AWAY, "node shutting down",
+                Some(ClientError::new(ErrorCode::GoingAway, "node shutting down; reconnect")))),
+        };
+        let msg = match next {
+            Err(_) => break Some((close_code::GOING_AWAY, "idle timeout", None)),
+            Ok(None) | Ok(Some(Err(_))) => break None,
+            Ok(Some(Ok(m))) => m,
+        };
+        let bytes = match msg {
+            WsMessage::Binary(b) => b,
+            WsMessage::Close(_) => break None,
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            WsMessage::Text(_) => {
+                let e = ClientError::new(ErrorCode::MalformedFrame, "text frames are not accepted");
+                gw.count_error(&e);
+                if out_tx.send(error_frame(0, &e)).await.is_err() {
+                    break None;
+                }
+                continue;
+            }
+        };
+        let frame = match gw.decode(&bytes) {
+            Ok(f) => f,
+            Err((id, e)) => {
+                if out_tx.send(error_frame(id, &e)).await.is_err() {
+                    break None;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break None;
+        };
+        let (gw, who, out, mail) = (gw.clone(), who.clone(), out_tx.clone(), mail_tx.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(answer) = handle(&gw, &who, frame, &mail).await {
+                let _ = out.send(answer).await;
+            }
+        });
+    };
+    if let Some((code, reason, err)) = close {
+        if let Some(e) = err {
+            let _ = out_tx.try_send(error_frame(0, &e));
+        }
+        let _ = out_tx.try_send(WsMessage::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })));
+    }
+    deliverer.abort();
+    drop(out_tx);
+    drop(mail_tx);
+    // Let the writer flush what is queued (the close frame last), but not forever.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// Drains the outgoing queue into the socket and pings the client.
+async fn write_loop(
+    mut sink: futures::stream::SplitSink<WebSocket, WsMessage>,
+    mut out: mpsc::Receiver<WsMessage>,
+    ping_every: Duration,
+) {
+    let mut ping = tokio::time::interval(ping_every);
+    ping.tick().await;
+    loop {
+        let msg = tokio::select! {
+            m = out.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = ping.tick() => WsMessage::Ping(Default::default()),
+        };
+        let is_close = matches!(msg, WsMessage::Close(_));
+        if sink.send(msg).await.is_err() || is_close {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Answers one request; `None` when the answer comes later (sync).
+async fn handle(
+    gw: &Gateway,
+    who: &Identity,
+    frame: ClientFrame,
+    mail: &mpsc::Sender<Mail>,
+) -> Option<WsMessage> {
+    let id = frame.request_id;
+    let Some(body) = frame.body else {
+        return Some(error_frame(
+            id,
+            &ClientError::new(ErrorCode::MalformedFrame, "frame has no body"),
+        ));
+    };
+    let result: Result<reply::Result, ClientError> = match body {
+        client_frame::Body::Register(_)
+        | client_frame::Body::Login(_)
+        | client_frame::Body::Authenticate(_) => Err(ClientError::new(
+            ErrorCode::AlreadyAuthenticated,
+            "this connection is already authenticated",
+        )),
+        client_frame::Body::Send(s) => gw
+            .messaging
+            .send(&who.user, s)
+            .await
+            .map(reply::Result::Sent),
+        client_frame::Body::Ack(a) => gw
+            .messaging
+            .set_cursor(
+                &who.user,
+                &who.device,
+                &a.conversation_id,
+                a.delivered_seq,
+                0,
+            )
+            .await
+            .map(reply::Result::CursorSet),
+        client_frame::Body::MarkRead(r) => gw
+            .messaging
+            .set_cursor(
+                &who.user,
+                &who.device,
+                &r.conversation_id,
+                r.read_seq,
+                r.read_seq,
+            )
+            .await
+            .map(reply::Result::CursorSet),
+        client_frame::Body::Fetch(f) => gw
+            .messaging
+            .fetch(&who.user, &f.conversation_id, f.from_seq, f.limit)
+            .await
+            .map(reply::Result::History),
+        client_frame::Body::SetPrivacy(p) => gw
+            .accounts
+            .set_privacy(&who.user, p.read_receipts)
+            .await
+            .map(|()| {
+                reply::Result::PrivacySet(PrivacySet {
+                    read_receipts: p.read_receipts,
+                })
+            }),
+        client_frame::Body::Ping(p) => Ok(reply::Result::Pong(parley_proto::v1::Pong {
+            nonce: p.nonce,
+            server_time_ms: now_ms(),
+        })),
+        client_frame::Body::Sync(_) => {
+            // Serialized with pushes by the delivery task, which answers it.
+            if mail.send(Mail::Sync { request_id: id }).await.is_err() {
+                return None;
+            }
+            return None;
+        }
+    };
+    Some(match result {
+        Ok(r) => reply_frame(id, r),
+        Err(e) => {
+            gw.count_error(&e);
+            error_frame(id, &e)
+        }
+    })
+}
+
+/// Writes events to one device in per-conversation seq order.
+struct DeliveryTask {
+    gw: Arc<Gateway>,
+    who: Identity,
+    out: mpsc::Sender<WsMessage>,
+    /// Last seq written (or known delivered) per conversation.
+    last_written: HashMap<String, u64>,
+}
+
+fn event_frame(kind: event::Kind) -> WsMessage {
+    WsMessage::Binary(
+        ServerFrame {
+            body: Some(server_frame::Body::Event(Event { kind: Some(kind) })),
+        }
+        .encode_to_vec()
+        .into(),
+    )
+}
+
+impl DeliveryTask {
+    async fn run(mut self, mut mail: mpsc::Receiver<Mail>, closer: Arc<Closer>) {
+        while let Some(m) = mail.recv().await {
+            let outcome = match m {
+                Mail::Events(events) => self.deliver(events).await,
+                Mail::Sync { request_id } => self.sync(request_id).await,
+            };
+            if let Err(e) = outcome {
+                // The log could not be read to keep order (cluster unavailable): close,
+                // and let the client reconnect and sync rather than skip anything.
+                tracing::warn!(user = %self.who.user, error = %e, "closing session: delivery failed");
+                closer.close(CloseReason::SlowConsumer);
+                return;
+            }
+        }
+    }
+
+    async fn write(&self, frame: WsMessage) -> Result<(), ClientError> {
+        self.out
+            .send(frame)
+            .await
+            .map_err(|_| ClientError::new(ErrorCode::GoingAway, "connection closed"))
+    }
+
+    async fn deliver(&mut self, events: Vec<Event>) -> Result<(), ClientError> {
+        for ev in events {
+            match ev.kind {
+                Some(event::Kind::Message(m)) => self.deliver_message(m).await?,
+                Some(event::Kind::Receipt(r)) => {
+                    let r = self.filter_receipt(r).await;
+                    self.write(event_frame(event::Kind::Receipt(r))).await?;
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Blue ticks are reciprocal: a user who shares no read receipts sees none.
+    async fn filter_receipt(&self, mut r: Receipt) -> Receipt {
+        if r.read_seq > 0
+            && !self
+                .gw
+                .accounts
+                .read_receipts(&self.who.user)
+                .await
+                .unwrap_or(false)
+        {
+            r.read_seq = 0;
+        }
+        r
+    }
+
+    async fn deliver_message(&mut self, m: Message) -> Result<(), ClientError> {
+        let last = match self.last_written.get(&m.conversation_id) {
+            Some(l) => *l,
+            None => {
+                let peer = m.sender.clone();
+                self.gw
+                    .messaging
+                    .conversation_sync(&m.conversation_id, &peer, &self.who.user, &self.who.device)
+                    .await?
+                    .device_delivered
+            }
+        };
+        if m.seq <= last {
+            self.last_written.insert(m.conversation_id, last);
+            return Ok(());
+        }
+        let conversation = m.conversation_id.clone();
+        if m.seq > last + 1 {
+            self.write_range(&conversation, last + 1, m.seq - 1).await?;
+        }
+        if m.sender != self.who.user {
+            self.write(event_frame(event::Kind::Message(m.clone())))
+                .await?;
+        }
+        self.last_written.insert(conversation, m.seq);
+        Ok(())
+    }
+
+    /// Writes messages `from..=to` of a conversation from the log (others' only).
+    async fn write_range(
+        &mut self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<u32, ClientError> {
+        let mut next = from;
+        let mut written = 0;
+        while next <= to {
+            let limit = PAGE.min((to - next + 1) as u32);
+            let (page, _) = self.gw.messaging.read(conversation, next, limit).await?;
+            let Some(last) = page.last().map(|m| m.seq) else {
+                break;
+            };
+            for m in page {
+                if m.sender != self.who.user {
+                    self.write(event_frame(event::Kind::Message(m))).await?;
+                    written += 1;
+                }
+            }
+            next = last + 1;
+        }
+        Ok(written)
+    }
+
+    async fn sync(&mut self, request_id: u64) -> Result<(), ClientError> {
+        match self.sync_inner().await {
+            Ok(done) => {
+                self.gw
+                    .metrics
+                    .sync_messages_total
+                    .inc_by(u64::from(done.messages));
+                self.write(reply_frame(request_id, reply::Result::SyncComplete(done)))
+                    .await
+            }
+            Err(e) if e.code == ErrorCode::GoingAway => Err(e),
+            Err(e) => {
+                self.gw.count_error(&e);
+                self.write(error_frame(request_id, &e)).await
+            }
+        }
+    }
+
+    async fn sync_inner(&mut self) -> Result<SyncComplete, ClientError> {
+        let (user, device) = (self.who.user.clone(), self.who.device.clone());
+        let mut done = SyncComplete::default();
+        let shares = self.gw.accounts.read_receipts(&user).await?;
+        for (conversation, peer) in self.gw.messaging.conversations(&user).await? {
+            let state = self
+                .gw
+                .messaging
+                .conversation_sync(&conversation, &peer, &user, &device)
+                .await?;
+            let already = self
+                .last_written
+                .get(&conversation)
+                .copied()
+                .unwrap_or(0)
+                .max(state.device_delivered);
+            if state.last_seq > already {
+                let n = self
+                    .write_range(&conversation, already + 1, state.last_seq)
+                    .await?;
+                if n > 0 {
+                    done.conversations += 1;
+                    done.messages += n;
+                }
+            }
+            let last = self.last_written.entry(conversation.clone()).or_default();
+            *last = (*last).max(state.last_seq);
+            let peer_shares = self.gw.accounts.read_receipts(&peer).await?;
+            let receipt = Receipt {
+                conversation_id: conversation,
+                user_id: peer,
+                delivered_seq: state.peer_cursors.delivered,
+                read_seq: if shares && peer_shares {
+                    state.peer_cursors.read
+                } else {
+                    0
+                },
+            };
+            self.write(event_frame(event::Kind::Receipt(receipt)))
+                .await?;
+        }
+        Ok(done)
+    }
+}
