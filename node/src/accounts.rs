@@ -214,6 +214,16 @@ impl Accounts {
             .unwrap_or(false))
     }
 
+    /// Whether `user` shares read receipts, read from the user's shard group (not the
+    /// cache): for a peer whose switch may have just changed on another node.
+    pub async fn read_receipts_fresh(&self, user: &str) -> Result<bool, ClientError> {
+        Ok(self
+            .fetch_user(user)
+            .await?
+            .map(|r| r.read_receipts)
+            .unwrap_or(false))
+    }
+
     /// Sets the read-receipt switch.
     pub async fn set_privacy(&self, user: &str, read_receipts: bool) -> Result<(), ClientError> {
         let op = MessagingOp::SetPrivacy {

@@ -49,6 +49,18 @@ const SOCKET_BUFFER: usize = 4096;
 pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// Whether a read failed because the peer sent a frame over the size limit (then the
+/// connection is closed with [`close_code::TOO_BIG`] rather than dropped).
+pub fn is_oversized(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    matches!(
+        e.source()
+            .and_then(|s| s.downcast_ref::<tungstenite::Error>()),
+        Some(tungstenite::Error::Capacity(_))
+    )
 }
 
 /// Everything the endpoint needs, shared by every connection.
@@ -157,6 +169,10 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, proxied: bool) {
         let bytes = match next {
             Err(_) => {
                 close(socket, close_code::POLICY, "authentication timeout").await;
+                return;
+            }
+            Ok(Some(Err(e))) if is_oversized(&e) => {
+                close(socket, close_code::TOO_BIG, "frame too large").await;
                 return;
             }
             Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(WsMessage::Close(_)))) => return,
@@ -340,6 +356,13 @@ async fn relay(
                     if up_tx.send(tungstenite::Message::Text(text)).await.is_err() { break; }
                 }
                 Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {}
+                Ok(Some(Err(e))) if is_oversized(&e) => {
+                    let _ = client_tx.send(WsMessage::Close(Some(CloseFrame {
+                        code: close_code::TOO_BIG, reason: "frame too large".into(),
+                    }))).await;
+                    let _ = up_tx.send(tungstenite::Message::Close(None)).await;
+                    break;
+                }
                 Ok(Some(Ok(WsMessage::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
                     let _ = up_tx.send(tungstenite::Message::Close(None)).await;
                     break;

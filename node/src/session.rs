@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::client_error::ClientError;
 use crate::delivery::{CloseReason, Closer, Mail};
-use crate::gateway::{close_code, error_frame, reply_frame, stopped, Gateway};
+use crate::gateway::{close_code, error_frame, is_oversized, reply_frame, stopped, Gateway};
 
 /// Requests of one connection processed at once; further frames wait unread.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -99,6 +99,9 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_reques
         };
         let msg = match next {
             Err(_) => break Some((close_code::GOING_AWAY, "idle timeout", None)),
+            Ok(Some(Err(e))) if is_oversized(&e) => {
+                break Some((close_code::TOO_BIG, "frame too large", None))
+            }
             Ok(None) | Ok(Some(Err(_))) => break None,
             Ok(Some(Ok(m))) => m,
         };
@@ -429,7 +432,7 @@ impl DeliveryTask {
             }
             let last = self.last_written.entry(conversation.clone()).or_default();
             *last = (*last).max(state.last_seq);
-            let peer_shares = self.gw.accounts.read_receipts(&peer).await?;
+            let peer_shares = self.gw.accounts.read_receipts_fresh(&peer).await?;
             let receipt = Receipt {
                 conversation_id: conversation,
                 user_id: peer,

@@ -835,10 +835,7 @@ fn node_ports(count: u64, base_port: Option<u16>) -> anyhow::Result<Vec<(u16, u1
     match base_port {
         None => {
             let free = free_loopback_ports(3 * count).context("cannot find free loopback ports")?;
-            Ok(free
-                .chunks_exact(3)
-                .map(|p| (p[0], p[1], p[2]))
-                .collect())
+            Ok(free.chunks_exact(3).map(|p| (p[0], p[1], p[2])).collect())
         }
         Some(base) => (0..count)
             .map(|index| {
@@ -871,12 +868,12 @@ mod tests {
     use parley_proto::node::v1::ClusterGroup;
 
     #[test]
-    fn ports_from_a_base_are_consecutive_pairs() -> anyhow::Result<()> {
+    fn ports_from_a_base_are_consecutive_triples() -> anyhow::Result<()> {
         assert_eq!(
             node_ports(3, Some(7000))?,
-            vec![(7000, 7001), (7002, 7003), (7004, 7005)]
+            vec![(7000, 7001, 7002), (7003, 7004, 7005), (7006, 7007, 7008)]
         );
-        assert!(node_ports(2, Some(u16::MAX - 2)).is_err());
+        assert!(node_ports(2, Some(u16::MAX - 3)).is_err());
         Ok(())
     }
 
@@ -885,11 +882,11 @@ mod tests {
         let ports = node_ports(5, None)?;
         let mut all: Vec<u16> = ports
             .iter()
-            .flat_map(|&(grpc, http)| [grpc, http])
+            .flat_map(|&(grpc, http, client)| [grpc, http, client])
             .collect();
         all.sort_unstable();
         all.dedup();
-        assert_eq!(all.len(), 10);
+        assert_eq!(all.len(), 15);
         Ok(())
     }
 

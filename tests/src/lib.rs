@@ -8,6 +8,7 @@
 //!   injects faults through `Admin.SetFaults`.
 //! - [`LogClient`] is a `ConversationLog` client over several nodes that retries
 //!   retryable failures with exponential back-off.
+//! - [`RawConnection`] is a bare client WebSocket for protocol tests.
 //! - [`process`] has the lower-level pieces: children that die with their
 //!   parent and free loopback ports, also used for the benchmark's etcd cluster.
 //!
@@ -29,9 +30,11 @@
 mod cluster;
 mod log_client;
 pub mod process;
+mod ws_client;
 
 pub use cluster::{
     leader_counts, node_binary, ClusterOptions, LocalCluster, KEEP_DATA_ENV, NODE_BIN_ENV,
     TOKEN_KEY_FILE,
 };
 pub use log_client::{error_code, is_retryable, LogClient, RetryPolicy, RETRYABLE_ERROR_CODES};
+pub use ws_client::{RawConnection, Received, ServerError};
