@@ -6,6 +6,12 @@
 //! this node is the home. A session whose mailbox is full is closed as a slow consumer:
 //! memory stays bounded, and nothing is lost because a message stays pending until the
 //! device acknowledges it and the next `Sync` sends it again.
+//!
+//! The `parley_pending_offline_messages` gauge counts, per node, the messages pushed
+//! here for users homed here who had no open session, until one of their devices syncs
+//! here. It is approximate by design: a push that reaches no node is not counted, and a
+//! count made while nodes disagreed about a user's home lingers until the user syncs on
+//! that node (or it restarts).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +21,7 @@ use std::time::Duration;
 use parley_proto::node::v1::delivery_client::DeliveryClient;
 use parley_proto::node::v1::delivery_server::Delivery as DeliveryRpc;
 use parley_proto::node::v1::{ProbeReply, ProbeRequest, PushReply, PushRequest};
-use parley_proto::v1::Event;
+use parley_proto::v1::{event, Event};
 use tokio::sync::{mpsc, Notify};
 use tonic::{Request, Response, Status};
 
@@ -24,6 +30,8 @@ use crate::router::Router;
 
 /// How long a push to a peer may take.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Offline users whose pending messages are counted; beyond, new ones are not.
+const PENDING_USERS_LIMIT: usize = 1_000_000;
 
 /// What a session's delivery task is asked to do.
 #[derive(Debug)]
@@ -80,6 +88,8 @@ pub struct Delivery {
     router: Arc<Router>,
     sessions: Mutex<HashMap<String, Vec<SessionHandle>>>,
     next_id: AtomicU64,
+    /// Messages pushed to offline users homed here, per user, until they sync.
+    pending_offline: Mutex<HashMap<String, u64>>,
 }
 
 /// Unregisters a session when dropped.
@@ -102,6 +112,7 @@ impl Delivery {
             router,
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            pending_offline: Mutex::new(HashMap::new()),
         })
     }
 
@@ -153,6 +164,8 @@ impl Delivery {
             return 0;
         };
         let Some(list) = s.get(user) else {
+            drop(s);
+            self.count_pending(user, events);
             return 0;
         };
         let mut n = 0;
@@ -167,6 +180,38 @@ impl Delivery {
             }
         }
         n
+    }
+
+    /// Counts the messages among `events` as pending for `user`, who has no session.
+    fn count_pending(&self, user: &str, events: &[Event]) {
+        let messages = events
+            .iter()
+            .filter(|e| matches!(e.kind, Some(event::Kind::Message(_))))
+            .count() as u64;
+        if messages == 0 {
+            return;
+        }
+        let Ok(mut pending) = self.pending_offline.lock() else {
+            return;
+        };
+        if pending.len() >= PENDING_USERS_LIMIT && !pending.contains_key(user) {
+            return;
+        }
+        *pending.entry(user.into()).or_default() += messages;
+        self.cluster
+            .metrics
+            .pending_offline_messages
+            .add(messages as i64);
+    }
+
+    /// A device of `user` synced here: what was pending for the user has been handed over.
+    pub fn synced(&self, user: &str) {
+        let Ok(mut pending) = self.pending_offline.lock() else {
+            return;
+        };
+        if let Some(n) = pending.remove(user) {
+            self.cluster.metrics.pending_offline_messages.sub(n as i64);
+        }
     }
 
     /// Delivers events to `user`'s sessions wherever they are (the user's home node,

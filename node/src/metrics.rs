@@ -36,6 +36,9 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     /// Messages committed while the recipient had no open session (they wait for a sync).
     pub offline_messages_total: IntCounter,
+    /// Messages pushed to users homed here while they had no open session, not yet
+    /// handed over by a sync of one of their devices here (approximate: see `delivery`).
+    pub pending_offline_messages: IntGauge,
     /// Messages sent to devices by `Sync` (pending while they were away).
     pub sync_messages_total: IntCounter,
     /// Client requests refused, by error code.
@@ -143,6 +146,11 @@ impl Metrics {
                 "Messages committed while the recipient had no open session",
             )
             .expect("valid metric"),
+            pending_offline_messages: IntGauge::new(
+                "parley_pending_offline_messages",
+                "Messages waiting for users homed here who have no open session",
+            )
+            .expect("valid metric"),
             sync_messages_total: IntCounter::new(
                 "parley_sync_messages_total",
                 "Pending messages sent to devices by sync",
@@ -181,6 +189,7 @@ impl Metrics {
             Box::new(m.messages_total.clone()),
             Box::new(m.delivery_seconds.clone()),
             Box::new(m.offline_messages_total.clone()),
+            Box::new(m.pending_offline_messages.clone()),
             Box::new(m.sync_messages_total.clone()),
             Box::new(m.client_errors_total.clone()),
             Box::new(m.slow_consumers_total.clone()),

@@ -3,7 +3,9 @@
 //!
 //! Three tasks share a connection: the reader (this function's loop) decodes frames
 //! and runs each request as its own task (at most [`MAX_IN_FLIGHT`] at once, so a
-//! client that pipelines cannot grow memory without bound); the writer drains the
+//! client that pipelines cannot grow memory without bound), except that sends to the
+//! same conversation wait for one another in arrival order ([`SendOrder`]), so
+//! pipelined sends are committed in the order the client sent them; the writer drains the
 //! bounded outgoing queue into the socket and pings; the delivery task turns mailbox
 //! events into frames. The delivery task keeps, per conversation, the last seq written
 //! to this device: an event at or below it is dropped, and a gap (events can arrive out
@@ -11,7 +13,7 @@
 //! every conversation in seq order.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
@@ -21,11 +23,12 @@ use parley_proto::v1::{
     Message, PrivacySet, Receipt, ServerFrame, SyncComplete,
 };
 use prost::Message as _;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::client_error::ClientError;
 use crate::delivery::{CloseReason, Closer, Mail};
 use crate::gateway::{close_code, error_frame, is_oversized, reply_frame, stopped, Gateway};
+use crate::messaging::dm_conversation;
 
 /// Requests of one connection processed at once; further frames wait unread.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -85,6 +88,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_reques
 
     let idle = Duration::from_millis(config.ws_idle_timeout_ms);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let send_order = Arc::new(SendOrder::default());
     let mut shutdown = gw.shutdown.clone();
     let close: Option<(u16, &str, Option<ClientError>)> = loop {
         let next = tokio::select! {
@@ -130,10 +134,26 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_reques
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break None;
         };
+        // Taken here, in arrival order, so the spawned tasks start sends in that order.
+        let turn = match &frame.body {
+            Some(client_frame::Body::Send(s)) => {
+                Some(send_order.queue(dm_conversation(&who.user, &s.recipient)))
+            }
+            _ => None,
+        };
         let (gw, who, out, mail) = (gw.clone(), who.clone(), out_tx.clone(), mail_tx.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Some(answer) = handle(&gw, &who, frame, &mail).await {
+            let answer = match turn {
+                Some(mut turn) => {
+                    turn.wait().await;
+                    let answer = handle(&gw, &who, frame, &mail).await;
+                    drop(turn);
+                    answer
+                }
+                None => handle(&gw, &who, frame, &mail).await,
+            };
+            if let Some(answer) = answer {
                 let _ = out.send(answer).await;
             }
         });
@@ -152,6 +172,90 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_reques
     drop(mail_tx);
     // Let the writer flush what is queued (the close frame last), but not forever.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// Orders the sends of one connection per conversation: a send starts only once the
+/// previous send to the same conversation on this connection has been answered (its
+/// entry committed or refused), so sends pipelined without waiting for `Sent` are
+/// committed in the order they arrived (FR1). Sends to other conversations and all
+/// other requests stay concurrent.
+#[derive(Default)]
+struct SendOrder {
+    tails: Mutex<Tails>,
+}
+
+#[derive(Default)]
+struct Tails {
+    next_ticket: u64,
+    /// Per conversation with a send queued or running: the latest send's ticket and a
+    /// receiver that resolves when it is done.
+    latest: HashMap<String, (u64, oneshot::Receiver<()>)>,
+}
+
+/// One send's place in its conversation's queue; dropping it lets the next one start.
+struct Turn {
+    order: Arc<SendOrder>,
+    conversation: String,
+    ticket: u64,
+    previous: Option<oneshot::Receiver<()>>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl SendOrder {
+    /// Queues a send to `conversation` behind the ones queued before it.
+    fn queue(self: &Arc<Self>, conversation: String) -> Turn {
+        let (done, finished) = oneshot::channel();
+        let mut tails = self.tails.lock().unwrap_or_else(|p| p.into_inner());
+        tails.next_ticket += 1;
+        let ticket = tails.next_ticket;
+        let previous = tails
+            .latest
+            .insert(conversation.clone(), (ticket, finished))
+            .map(|(_, rx)| rx);
+        Turn {
+            order: self.clone(),
+            conversation,
+            ticket,
+            previous,
+            done: Some(done),
+        }
+    }
+
+    /// Conversations with a send queued or running.
+    #[cfg(test)]
+    fn busy(&self) -> usize {
+        self.tails
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .latest
+            .len()
+    }
+}
+
+impl Turn {
+    /// Waits until the previous send to the conversation is done (or was dropped).
+    async fn wait(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            let _ = previous.await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+        let mut tails = self.order.tails.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the conversation unless a later send queued behind this one.
+        if tails
+            .latest
+            .get(&self.conversation)
+            .is_some_and(|(t, _)| *t == self.ticket)
+        {
+            tails.latest.remove(&self.conversation);
+        }
+    }
 }
 
 /// Drains the outgoing queue into the socket and pings the client.
@@ -390,6 +494,7 @@ impl DeliveryTask {
     async fn sync(&mut self, request_id: u64) -> Result<(), ClientError> {
         match self.sync_inner().await {
             Ok(done) => {
+                self.gw.delivery.synced(&self.who.user);
                 self.gw
                     .metrics
                     .sync_messages_total
@@ -447,5 +552,68 @@ impl DeliveryTask {
                 .await?;
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sends_to_one_conversation_run_in_queue_order() {
+        let order = Arc::new(SendOrder::default());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..50u32 {
+            let mut turn = order.queue("dm:a:b".into());
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                turn.wait().await;
+                // Later sends finish their work faster: only the queue keeps them in order.
+                tokio::time::sleep(Duration::from_micros(u64::from(50 - i) * 20)).await;
+                log.lock().unwrap_or_else(|p| p.into_inner()).push(i);
+            }));
+        }
+        // Tasks are awaited in reverse so none is polled in queue order by accident.
+        for t in tasks.into_iter().rev() {
+            t.await.expect("task");
+        }
+        let got = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got, (0..50).collect::<Vec<_>>());
+        assert_eq!(order.busy(), 0, "finished conversations are forgotten");
+    }
+
+    #[tokio::test]
+    async fn other_conversations_do_not_wait_and_a_dropped_turn_releases_the_next() {
+        let order = Arc::new(SendOrder::default());
+        let first = order.queue("dm:a:b".into());
+        let mut other = order.queue("dm:a:c".into());
+        tokio::time::timeout(Duration::from_secs(1), other.wait())
+            .await
+            .expect("a send to another conversation waited");
+        let mut second = order.queue("dm:a:b".into());
+        let (started_tx, mut started) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            second.wait().await;
+            let _ = started_tx.send(());
+            second
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            started.try_recv().is_err(),
+            "the second send did not wait for the first"
+        );
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the second send was not released")
+            .expect("task");
+        assert_eq!(order.busy(), 2);
+        drop(other);
+        assert_eq!(order.busy(), 1);
+        drop(second);
+        assert_eq!(order.busy(), 0);
     }
 }
