@@ -37,7 +37,7 @@ use rand::Rng as _;
 
 use crate::etcd::{EtcdCluster, EtcdTarget};
 use crate::load::{run_level, LevelResult, Target};
-use crate::parley::{measure_write_gap, GapOptions, GapReport, ParleyTarget};
+use crate::parley::{measure_write_gap, AppendRpc, GapOptions, GapReport, ParleyTarget};
 
 /// Parley nodes and etcd members started by the benchmark.
 const CLUSTER_SIZE: u64 = 3;
@@ -96,6 +96,10 @@ struct ReplicationArgs {
     /// Extra argument for every `parley-node run` (repeatable).
     #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
     node_args: Vec<String>,
+    /// How the Parley client sends appends: many in flight on one stream per node
+    /// (`stream`), or one unary call each (`unary`, as etcd's client does for puts).
+    #[arg(long, value_enum, default_value = "stream")]
+    append_rpc: AppendRpc,
     /// The etcd server binary.
     #[arg(long, default_value = "/usr/bin/etcd")]
     etcd_bin: PathBuf,
@@ -259,7 +263,9 @@ async fn run_parley(
     root: &Path,
 ) -> anyhow::Result<ParleyOutcome> {
     if !args.endpoints.is_empty() {
-        let target = ParleyTarget::connect(&args.endpoints, Arc::clone(&plan.payload)).await?;
+        let target =
+            ParleyTarget::connect(&args.endpoints, args.append_rpc, Arc::clone(&plan.payload))
+                .await?;
         let levels = run_levels("Parley", &target, plan).await?;
         eprintln!("write gap: skipped, --endpoints given (no local node to kill)");
         return Ok(ParleyOutcome { levels, gap: None });
@@ -280,7 +286,12 @@ async fn run_parley(
     })
     .await
     .context("cannot start the Parley cluster")?;
-    let target = ParleyTarget::connect(&cluster.endpoints(), Arc::clone(&plan.payload)).await?;
+    let target = ParleyTarget::connect(
+        &cluster.endpoints(),
+        args.append_rpc,
+        Arc::clone(&plan.payload),
+    )
+    .await?;
     let levels = run_levels("Parley", &target, plan).await?;
 
     eprintln!(

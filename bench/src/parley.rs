@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
+use parley_node::append_stream::AppendStreamClient;
+use parley_node::transport::{CONNECTION_WINDOW, STREAM_WINDOW};
 use parley_proto::node::v1::conversation_log_client::ConversationLogClient;
 use parley_proto::node::v1::AppendRequest;
 use parley_testkit::{leader_counts, LocalCluster, LogClient, RetryPolicy};
@@ -27,11 +29,28 @@ fn conversation_id(n: usize) -> String {
     format!("bench-conv-{n}")
 }
 
+/// How the benchmark client sends appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AppendRpc {
+    /// One long-lived `AppendStream` per endpoint, many appends in flight on it.
+    Stream,
+    /// One unary `Append` call per append.
+    Unary,
+}
+
+/// One endpoint, reached by either RPC.
+#[derive(Clone)]
+struct ParleyEndpoint {
+    unary: ConversationLogClient<Channel>,
+    stream: AppendStreamClient,
+}
+
 /// Appends `payload` with a fresh client message id per operation; worker `w`
 /// talks to endpoint `w % endpoints`, one attempt per operation.
 #[derive(Clone)]
 pub struct ParleyTarget {
-    clients: Arc<[ConversationLogClient<Channel>]>,
+    clients: Arc<[ParleyEndpoint]>,
+    rpc: AppendRpc,
     payload: Arc<[u8]>,
     /// Distinguishes this run's client message ids from earlier runs'.
     run_id: Arc<str>,
@@ -40,21 +59,31 @@ pub struct ParleyTarget {
 
 impl ParleyTarget {
     /// Connects to every endpoint (`http://host:port`).
-    pub async fn connect(endpoints: &[String], payload: Arc<[u8]>) -> anyhow::Result<Self> {
+    pub async fn connect(
+        endpoints: &[String],
+        rpc: AppendRpc,
+        payload: Arc<[u8]>,
+    ) -> anyhow::Result<Self> {
         let mut clients = Vec::with_capacity(endpoints.len());
         for uri in endpoints {
             let channel = Endpoint::from_shared(uri.clone())
                 .with_context(|| format!("invalid endpoint {uri:?}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
                 .connect()
                 .await
                 .with_context(|| format!("cannot connect to {uri}"))?;
-            clients.push(ConversationLogClient::new(channel));
+            clients.push(ParleyEndpoint {
+                unary: ConversationLogClient::new(channel.clone()),
+                stream: AppendStreamClient::new(channel, uri.clone()),
+            });
         }
         anyhow::ensure!(!clients.is_empty(), "no Parley endpoints");
         Ok(Self {
             clients: clients.into(),
+            rpc,
             payload,
             run_id: format!("{:016x}", rand::rng().random::<u64>()).into(),
             next_msg: Arc::new(AtomicU64::new(0)),
@@ -64,17 +93,25 @@ impl ParleyTarget {
 
 impl Target for ParleyTarget {
     async fn op(&self, worker: usize, conversation: usize) -> anyhow::Result<()> {
-        let mut client = self.clients[worker % self.clients.len()].clone();
+        let endpoint = &self.clients[worker % self.clients.len()];
         let msg = self.next_msg.fetch_add(1, Ordering::Relaxed);
-        let mut request = Request::new(AppendRequest {
+        let append = AppendRequest {
             conversation_id: conversation_id(conversation),
             sender: format!("bench-{worker}"),
             client_msg_id: format!("{}-{msg}", self.run_id),
             payload: self.payload.to_vec(),
             hops: 0,
-        });
-        request.set_timeout(APPEND_TIMEOUT);
-        client.append(request).await?;
+        };
+        match self.rpc {
+            AppendRpc::Stream => {
+                endpoint.stream.append(append, APPEND_TIMEOUT).await?;
+            }
+            AppendRpc::Unary => {
+                let mut request = Request::new(append);
+                request.set_timeout(APPEND_TIMEOUT);
+                endpoint.unary.clone().append(request).await?;
+            }
+        }
         Ok(())
     }
 }

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::ClientWriteError;
 use openraft::ServerState;
 use parley_proto::node::v1::admin_client::AdminClient;
 use parley_proto::node::v1::{GetPlacementRequest, MetaProposal};
@@ -16,6 +15,7 @@ use crate::config::NodeConfig;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::placement::{GroupId, MetaCommand, MetaResponse, NodeId, PlacementMap};
+use crate::proposer::{is_batchable, write_error, Proposer};
 use crate::replicas::Replicas;
 use crate::transport::PeerPool;
 use crate::types::{decode, encode, Command, CommandResponse, GroupRaft, METADATA_GROUP};
@@ -27,6 +27,8 @@ pub struct Cluster {
     pub metrics: Arc<Metrics>,
     /// Last leader seen per group, for groups this node does not host.
     leader_hints: Mutex<HashMap<GroupId, NodeId>>,
+    /// Coalesces proposals to the groups this node leads into batch entries.
+    pub proposer: Proposer,
 }
 
 /// One step of retry backoff, capped.
@@ -39,6 +41,7 @@ impl Cluster {
         Arc::new(Cluster {
             config,
             replicas,
+            proposer: Proposer::new(metrics.clone()),
             metrics,
             leader_hints: Mutex::new(HashMap::new()),
         })
@@ -139,8 +142,20 @@ impl Cluster {
             });
         }
         let started = Instant::now();
-        let res = tokio::time::timeout(self.request_timeout(), raft.client_write(cmd)).await;
-        match res {
+        let write = async {
+            if is_batchable(&cmd) {
+                self.proposer.propose(group, raft, cmd).await
+            } else {
+                match raft.client_write(cmd).await {
+                    Ok(resp) => Ok(resp.data),
+                    Err(e) => Err(match e.into_api_error() {
+                        Some(e) => write_error(group, e),
+                        None => ApiError::Unavailable(format!("group {group}: replica stopped")),
+                    }),
+                }
+            }
+        };
+        match tokio::time::timeout(self.request_timeout(), write).await {
             Err(_) => Err(ApiError::Timeout(format!(
                 "group {group}: not committed within the deadline"
             ))),
@@ -148,21 +163,14 @@ impl Cluster {
                 self.metrics
                     .raft_commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                Ok(resp.data)
+                Ok(resp)
             }
-            Ok(Err(e)) => match e.into_api_error() {
-                Some(ClientWriteError::ForwardToLeader(f)) => {
-                    self.note_leader(group, f.leader_id);
-                    Err(ApiError::NotLeader {
-                        group,
-                        leader: f.leader_id,
-                    })
+            Ok(Err(e)) => {
+                if let ApiError::NotLeader { leader, .. } = &e {
+                    self.note_leader(group, *leader);
                 }
-                Some(other) => Err(ApiError::Unavailable(format!("group {group}: {other}"))),
-                None => Err(ApiError::Unavailable(format!(
-                    "group {group}: replica stopped"
-                ))),
-            },
+                Err(e)
+            }
         }
     }
 

@@ -200,6 +200,12 @@ impl NodeConfig {
             max_in_snapshot_log_to_keep: self.snapshot_every_entries / 10,
             install_snapshot_timeout: 10_000,
             enable_pre_vote: Some(true),
+            // State is applied without the WAL and the commit index is not persisted, so a
+            // restarted node's state machine may be behind what it had acknowledged. Restored
+            // leadership would serve linearizable reads from that stale state (the read index
+            // of a restored leader is its old noop); an election in a new term makes the
+            // leader commit a fresh noop, and reads wait until everything before it is applied.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         c.validate()

@@ -5,18 +5,23 @@
 //! The gateway calls the same entry points in process ([`ConversationService::append_entry`],
 //! [`ConversationService::propose`], ...); peers reach them over gRPC.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::ReadPolicy;
+use parley_proto::node::v1::append_stream_reply::Result as StreamResult;
 use parley_proto::node::v1::conversation_log_client::ConversationLogClient;
 use parley_proto::node::v1::conversation_log_server::ConversationLog;
 use parley_proto::node::v1::{
-    AppendReply, AppendRequest, LogEntry, ProposeReply, ProposeRequest, QueryReply, QueryRequest,
-    ReadReply, ReadRequest,
+    AppendReply, AppendRequest, AppendStreamReply, AppendStreamRequest, LogEntry, ProposeReply,
+    ProposeRequest, QueryReply, QueryRequest, ReadReply, ReadRequest,
 };
-use tonic::{Request, Response, Status};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tonic::{Request, Response, Status, Streaming};
 
+use crate::append_stream::AppendStreamClient;
 use crate::cluster::{backoff, Cluster};
 use crate::error::ApiError;
 use crate::messaging_state::{MessagingOp, MessagingQuery, MessagingResponse, QueryResult};
@@ -30,9 +35,19 @@ pub const MAX_ID_BYTES: usize = 256;
 pub const MAX_READ_LIMIT: u32 = 1_000;
 /// Forwarding hops before a request gives up on this path and lets the caller retry.
 const MAX_HOPS: u32 = 2;
+/// Appends of one `AppendStream` served at once; the stream is not read further meanwhile.
+const STREAM_IN_FLIGHT: usize = 4096;
 
+/// The conversation-log service of one node.
 pub struct ConversationService {
     pub cluster: Arc<Cluster>,
+    /// This service, for the tasks that serve streamed appends.
+    me: Weak<ConversationService>,
+    /// Append streams to the peers this node forwards to, by node id (and address).
+    streams: Mutex<HashMap<NodeId, (String, AppendStreamClient)>>,
+    /// Becomes true when the node stops: served append streams end at once, so that the
+    /// gRPC server's graceful shutdown is not held open by peers' long-lived streams.
+    stopping: watch::Receiver<bool>,
 }
 
 fn check_id(field: &str, value: &str, allow_empty: bool) -> Result<(), ApiError> {
@@ -75,9 +90,42 @@ enum Attempt<T> {
 }
 
 impl ConversationService {
+    pub fn new(cluster: Arc<Cluster>, stopping: watch::Receiver<bool>) -> Arc<ConversationService> {
+        Arc::new_cyclic(|me| ConversationService {
+            cluster,
+            me: me.clone(),
+            streams: Mutex::new(HashMap::new()),
+            stopping,
+        })
+    }
+
+    /// The append stream to `node`, opened on first use and reused by every group.
+    fn stream_to(&self, node: NodeId) -> Result<AppendStreamClient, ApiError> {
+        let addr = self
+            .cluster
+            .node_addr(node)
+            .ok_or_else(|| ApiError::Unavailable(format!("address of node {node} unknown")))?;
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((a, client)) = streams.get(&node) {
+            if *a == addr && !client.is_closed() {
+                return Ok(client.clone());
+            }
+        }
+        let channel = self.cluster.channel_to(node)?;
+        let client = AppendStreamClient::new(channel, format!("node {node}"));
+        streams.insert(node, (addr, client.clone()));
+        Ok(client)
+    }
+
     fn group_for(&self, conversation: &str) -> Result<(GroupId, u32), ApiError> {
         let placement = self.cluster.placement();
         if placement.epoch == 0 {
+            if self.cluster.replicas.restarted() {
+                // A restarted node re-applies its metadata log before it knows the map.
+                return Err(ApiError::Unavailable(
+                    "placement map not loaded yet after a restart".into(),
+                ));
+            }
             return Err(ApiError::NotBootstrapped);
         }
         let slot = slot_of(conversation);
@@ -159,16 +207,40 @@ impl ConversationService {
                 Err(e) => Self::classify(e),
             };
         }
+        self.forward_append(group, req).await
+    }
+
+    /// Sends an append this node cannot serve to the node it believes leads `group`, on
+    /// the append stream to that node, once; the caller's retry loop handles the rest.
+    async fn forward_append(
+        &self,
+        group: GroupId,
+        req: &AppendRequest,
+    ) -> Result<Attempt<AppendReply>, ApiError> {
+        let Some(target) = self.forward_target(group, req.hops) else {
+            return Ok(Attempt::Retry(ApiError::NotLeader {
+                group,
+                leader: None,
+            }));
+        };
+        self.cluster
+            .metrics
+            .forwarded_total
+            .with_label_values(&["append"])
+            .inc();
+        let stream = match self.stream_to(target) {
+            Ok(s) => s,
+            Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
+        };
         let mut fwd = req.clone();
         fwd.hops += 1;
-        self.forward(
-            group,
-            req.hops,
-            "append",
-            fwd,
-            |mut client, request| async move { client.append(request).await },
-        )
-        .await
+        match stream.append(fwd, self.cluster.request_timeout()).await {
+            Ok(reply) => {
+                self.cluster.note_leader(group, Some(target));
+                Ok(Attempt::Done(reply))
+            }
+            Err(e) => Self::forward_error(&self.cluster, group, target, e),
+        }
     }
 
     /// Sends a request this node cannot serve to the node it believes leads `group`,
@@ -262,6 +334,19 @@ impl ConversationService {
         if !e.is_retryable() {
             // Pass the peer's typed error through unchanged.
             return Err(ApiError::forwarded(&status));
+        }
+        Self::forward_error(cluster, group, target, e)
+    }
+
+    /// What to do after a forwarded request failed with `e` at (or on the way to) `target`.
+    fn forward_error<T>(
+        cluster: &Cluster,
+        group: GroupId,
+        target: NodeId,
+        e: ApiError,
+    ) -> Result<Attempt<T>, ApiError> {
+        if !e.is_retryable() {
+            return Err(e);
         }
         match &e {
             ApiError::NotLeader {
@@ -529,6 +614,9 @@ impl ConversationService {
     }
 }
 
+type ReplyStream =
+    Pin<Box<dyn futures::Stream<Item = Result<AppendStreamReply, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl ConversationLog for ConversationService {
     async fn append(
@@ -539,6 +627,62 @@ impl ConversationLog for ConversationService {
             .await
             .map(Response::new)
             .map_err(Status::from)
+    }
+
+    type AppendStreamStream = ReplyStream;
+
+    /// Serves every append of the stream as its own task (at most [`STREAM_IN_FLIGHT`] at
+    /// once) and answers each with its id as soon as it is done.
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<AppendStreamRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("node shutting down"))?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<AppendStreamReply, Status>>(STREAM_IN_FLIGHT);
+        let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+        tokio::spawn(async move {
+            // A malformed message or a broken connection ends the stream; what is in
+            // flight is still answered if the connection allows.
+            while let Ok(Some(msg)) = inbound.message().await {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let (svc, tx) = (me.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let result = match msg.append {
+                        Some(append) => svc.append_entry(append).await,
+                        None => Err(ApiError::InvalidArgument(
+                            "stream request without an append".into(),
+                        )),
+                    };
+                    let result = match result {
+                        Ok(reply) => StreamResult::Ok(reply),
+                        Err(e) => StreamResult::Error(e.to_wire()),
+                    };
+                    let _ = tx
+                        .send(Ok(AppendStreamReply {
+                            id: msg.id,
+                            result: Some(result),
+                        }))
+                        .await;
+                });
+            }
+        });
+        // The reply stream ends when the node stops; appends still in flight then fail on
+        // the sender's side with a retryable error (a retry with the same key is safe).
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        Ok(Response::new(Box::pin(futures::StreamExt::take_until(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            stopped,
+        ))))
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {

@@ -2,7 +2,10 @@
 //!
 //! On the wire an error is a gRPC status whose metadata key `parley-error` holds
 //! [`ApiError::code`]; `parley-epoch` and `parley-leader` carry hints where useful.
+//! Inside a stream (`AppendStream`), where there is no status per message, the same
+//! parts travel as a [`WireError`].
 
+use parley_proto::node::v1::WireError;
 use parley_proto::{EPOCH_KEY, ERROR_CODE_KEY, LEADER_KEY};
 use tonic::{Code, Status};
 
@@ -103,53 +106,86 @@ impl ApiError {
 
     /// Keeps a peer's status as it is, to hand back to the caller.
     pub fn forwarded(status: &Status) -> ApiError {
-        let code = status
-            .metadata()
-            .get(ERROR_CODE_KEY)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("internal");
+        Self::forwarded_wire(&wire_of_status(status))
+    }
+
+    /// Keeps a peer's streamed error as it is, to hand back to the caller.
+    pub fn forwarded_wire(w: &WireError) -> ApiError {
         ApiError::Forwarded {
-            code: code.to_string(),
-            grpc_code: status.code() as i32,
-            message: status.message().to_string(),
+            code: if w.code.is_empty() {
+                "internal".to_string()
+            } else {
+                w.code.clone()
+            },
+            grpc_code: w.grpc_code,
+            message: w.message.clone(),
         }
     }
 
     /// Rebuilds an error from a peer's status (used when forwarding).
     pub fn from_status(status: &Status) -> ApiError {
-        let code = status
-            .metadata()
-            .get(ERROR_CODE_KEY)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let num = |key: &str| {
-            status
-                .metadata()
-                .get(key)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-        };
-        let msg = status.message().to_string();
-        match code {
+        Self::from_wire(&wire_of_status(status))
+    }
+
+    /// Rebuilds an error from a peer's streamed error (used when forwarding).
+    pub fn from_wire(w: &WireError) -> ApiError {
+        let msg = w.message.clone();
+        match w.code.as_str() {
             "invalid_argument" => ApiError::InvalidArgument(msg),
             "payload_too_large" => ApiError::InvalidArgument(msg),
             "not_leader" => ApiError::NotLeader {
                 group: 0,
-                leader: num(LEADER_KEY),
+                leader: (w.leader != 0).then_some(w.leader),
             },
-            "moved" => ApiError::Moved {
-                epoch: num(EPOCH_KEY).unwrap_or(0),
-            },
+            "moved" => ApiError::Moved { epoch: w.epoch },
             "not_bootstrapped" => ApiError::NotBootstrapped,
             "disk_full" => ApiError::DiskFull { node: 0 },
             "timeout" => ApiError::Timeout(msg),
             "refused" => ApiError::Internal(msg),
             "internal" => ApiError::Internal(msg),
-            _ => match status.code() {
+            _ => match Code::from_i32(w.grpc_code) {
                 Code::DeadlineExceeded => ApiError::Timeout(msg),
-                _ => ApiError::Unavailable(format!("{}: {}", status.code(), msg)),
+                c => ApiError::Unavailable(format!("{c}: {msg}")),
             },
         }
+    }
+
+    /// The error as carried inside a stream.
+    pub fn to_wire(&self) -> WireError {
+        WireError {
+            code: self.code().to_string(),
+            message: self.to_string(),
+            grpc_code: self.grpc_code() as i32,
+            epoch: match self {
+                ApiError::Moved { epoch } => *epoch,
+                _ => 0,
+            },
+            leader: match self {
+                ApiError::NotLeader {
+                    leader: Some(l), ..
+                } => *l,
+                _ => 0,
+            },
+        }
+    }
+}
+
+/// The parts of a status that [`ApiError`] is rebuilt from.
+fn wire_of_status(status: &Status) -> WireError {
+    let meta = |key: &str| {
+        status
+            .metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let num = |key: &str| meta(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+    WireError {
+        code: meta(ERROR_CODE_KEY).unwrap_or_default(),
+        message: status.message().to_string(),
+        grpc_code: status.code() as i32,
+        epoch: num(EPOCH_KEY),
+        leader: num(LEADER_KEY),
     }
 }
 

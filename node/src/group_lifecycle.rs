@@ -167,6 +167,7 @@ impl GroupLifecycle {
             }
             let assigned = placement.groups.get(&group).is_some_and(|g| g.hosts(me));
             if !assigned {
+                self.cluster.proposer.forget(group);
                 if let Err(e) = self.cluster.replicas.remove(group).await {
                     tracing::error!(group, error = %e, "cannot delete moved replica");
                 }

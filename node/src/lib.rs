@@ -17,6 +17,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod append_stream;
 pub mod client_error;
 pub mod cluster;
 pub mod config;
@@ -30,6 +31,7 @@ pub mod messaging;
 pub mod messaging_state;
 pub mod metrics;
 pub mod placement;
+pub mod proposer;
 pub mod replicas;
 pub mod router;
 pub mod server;

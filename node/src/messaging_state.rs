@@ -11,9 +11,9 @@
 //! Cursors only move forward and never past the conversation's last seq, so retried or
 //! reordered acknowledgements are harmless and status is exact.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-use rocksdb::{ReadOptions, WriteBatch};
+use rocksdb::ReadOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::placement::GroupId;
@@ -171,8 +171,9 @@ fn user_conversation_prefix(g: GroupId, user: &str) -> Vec<u8> {
     key(g, KEY_USER_CONVERSATION, &[user.as_bytes(), b""])
 }
 
-/// Writes of the batch being applied, visible to later commands of the same batch.
-pub type Overlay = HashMap<Vec<u8>, Vec<u8>>;
+/// Every state write of the batch being applied, by key: visible to later commands of the
+/// same batch, and written in key order at the end (see `state_machine`).
+pub type Overlay = BTreeMap<Vec<u8>, Vec<u8>>;
 
 fn get<T: for<'de> Deserialize<'de>>(
     engine: &Engine,
@@ -193,16 +194,8 @@ fn get<T: for<'de> Deserialize<'de>>(
     }
 }
 
-fn put<T: Serialize>(
-    engine: &Engine,
-    batch: &mut WriteBatch,
-    overlay: &mut Overlay,
-    key: Vec<u8>,
-    value: &T,
-) -> std::io::Result<()> {
-    let bytes = encode(value)?;
-    batch.put_cf(engine.cf_io(CF_STATE)?, &key, &bytes);
-    overlay.insert(key, bytes);
+fn put<T: Serialize>(overlay: &mut Overlay, key: Vec<u8>, value: &T) -> std::io::Result<()> {
+    overlay.insert(key, encode(value)?);
     Ok(())
 }
 
@@ -211,7 +204,6 @@ pub fn apply(
     engine: &Engine,
     group: GroupId,
     op: &MessagingOp,
-    batch: &mut WriteBatch,
     overlay: &mut Overlay,
     last_seq: impl Fn(&str) -> std::io::Result<u64>,
 ) -> std::io::Result<MessagingResponse> {
@@ -227,7 +219,7 @@ pub fn apply(
                 read_receipts: true,
                 created_ms: device.created_ms,
             };
-            put(engine, batch, overlay, k, &record)?;
+            put(overlay, k, &record)?;
             Ok(MessagingResponse::UserCreated)
         }
         MessagingOp::SetPrivacy {
@@ -239,7 +231,7 @@ pub fn apply(
                 return Ok(MessagingResponse::UnknownUser);
             };
             record.read_receipts = *read_receipts;
-            put(engine, batch, overlay, k, &record)?;
+            put(overlay, k, &record)?;
             Ok(MessagingResponse::PrivacySet)
         }
         MessagingOp::AddConversation {
@@ -249,7 +241,7 @@ pub fn apply(
         } => {
             let k = user_conversation_key(group, user, conversation);
             if get::<String>(engine, overlay, &k)?.is_none() {
-                put(engine, batch, overlay, k, peer)?;
+                put(overlay, k, peer)?;
             }
             Ok(MessagingResponse::ConversationAdded)
         }
@@ -273,10 +265,10 @@ pub fn apply(
                 read: old.read.max(read),
             };
             if device_delivered != old_device {
-                put(engine, batch, overlay, dk, &device_delivered)?;
+                put(overlay, dk, &device_delivered)?;
             }
             if member != old {
-                put(engine, batch, overlay, mk, &member)?;
+                put(overlay, mk, &member)?;
             }
             Ok(MessagingResponse::Cursors {
                 previous: old,

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub wal_sync_seconds: Histogram,
     /// Appends made durable by one WAL fsync.
     pub wal_sync_batch: Histogram,
+    pub proposal_batch: Histogram,
     /// Open client WebSocket connections, by kind (direct, proxied_out, proxied_in).
     pub connections: IntGaugeVec,
     /// Authenticated sessions held here (users homed on this node).
@@ -115,6 +116,14 @@ impl Metrics {
                 .buckets(exponential_buckets(1.0, 2.0, 12).unwrap_or_default()),
             )
             .expect("valid metric"),
+            proposal_batch: Histogram::with_opts(
+                HistogramOpts::new(
+                    "parley_proposal_batch",
+                    "Commands coalesced into one Raft log entry by a group leader",
+                )
+                .buckets(exponential_buckets(1.0, 2.0, 10).unwrap_or_default()),
+            )
+            .expect("valid metric"),
             connections: IntGaugeVec::new(
                 Opts::new("parley_connections", "Open client WebSocket connections"),
                 &["kind"],
@@ -184,6 +193,7 @@ impl Metrics {
             Box::new(m.disk_full.clone()),
             Box::new(m.wal_sync_seconds.clone()),
             Box::new(m.wal_sync_batch.clone()),
+            Box::new(m.proposal_batch.clone()),
             Box::new(m.connections.clone()),
             Box::new(m.sessions.clone()),
             Box::new(m.messages_total.clone()),

@@ -21,6 +21,9 @@ pub struct Replicas {
     groups: RwLock<HashMap<GroupId, GroupRaft>>,
     placement_tx: watch::Sender<Arc<PlacementMap>>,
     create: tokio::sync::Mutex<()>,
+    /// Whether storage held Raft state when the node started: it was part of a cluster
+    /// before, so an empty placement map means "not loaded yet", not "never bootstrapped".
+    restarted: bool,
 }
 
 impl Replicas {
@@ -32,6 +35,7 @@ impl Replicas {
         raft_config: Arc<openraft::Config>,
     ) -> std::io::Result<Arc<Replicas>> {
         let (placement_tx, _) = watch::channel(Arc::new(PlacementMap::default()));
+        let stored = engine.stored_groups()?;
         let replicas = Arc::new(Replicas {
             node_id,
             engine: engine.clone(),
@@ -40,9 +44,10 @@ impl Replicas {
             groups: RwLock::new(HashMap::new()),
             placement_tx,
             create: tokio::sync::Mutex::new(()),
+            restarted: !stored.is_empty(),
         });
         replicas.ensure(METADATA_GROUP).await?;
-        for g in engine.stored_groups()? {
+        for g in stored {
             replicas.ensure(g).await?;
         }
         Ok(replicas)
@@ -50,6 +55,11 @@ impl Replicas {
 
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// Whether this node held Raft state when it started (see the field).
+    pub fn restarted(&self) -> bool {
+        self.restarted
     }
 
     pub fn engine(&self) -> &Arc<Engine> {

@@ -26,6 +26,7 @@ use crate::replicas::Replicas;
 use crate::router::Router;
 use crate::storage::Engine;
 use crate::transport::{Faults, PeerPool, RaftTransportService};
+use crate::transport::{CONNECTION_WINDOW, STREAM_WINDOW};
 
 /// Largest gRPC message accepted (a maximal payload plus framing).
 const MAX_GRPC_MESSAGE: usize = 64 << 20;
@@ -54,17 +55,19 @@ pub async fn run(
     let lifecycle = GroupLifecycle::new(cluster.clone());
     tokio::spawn(lifecycle.clone().run());
 
-    let log = Arc::new(ConversationService {
-        cluster: cluster.clone(),
-    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let log = ConversationService::new(cluster.clone(), stop_rx.clone());
     let router = Router::new(cluster.clone());
     tokio::spawn(router.clone().run_probes());
     let delivery = Delivery::new(cluster.clone(), router.clone());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let grpc_addr = config.listen.parse().context("listen address")?;
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Many appends share one stream or connection; the 64 KiB HTTP/2 default window
+        // would stall them behind flow control.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .add_service(
             RaftTransportServer::new(RaftTransportService {
                 replicas: replicas.clone(),
@@ -162,8 +165,9 @@ pub async fn run(
     hand_off_leaderships(&cluster, Duration::from_secs(10)).await;
     let _ = stop_tx.send(true);
     replicas.shutdown().await;
-    let _ = grpc_task.await;
-    let _ = http_task.await;
+    // Peers may hold streams open; they are ended above, but never wait on them forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     if let Some(t) = client_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }

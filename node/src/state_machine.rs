@@ -10,7 +10,10 @@
 //! - `0x06 ++ len16 ++ conversation ++ len16 ++ sender ++ client_msg_id` -> seq (dedupe).
 //!
 //! Each `apply` call writes one batch that includes the applied log id, so the state
-//! on disk is always exactly "everything up to the applied index".
+//! on disk is always exactly "everything up to the applied index". The batch is built
+//! as a sorted write set (the last write of a key wins, so a conversation head is written
+//! once per call however many messages it got) and written in key order, which lets the
+//! memtable start each insert from where the previous one ended.
 //!
 //! Snapshots are files: every key of the group, read from a RocksDB snapshot (a
 //! consistent point-in-time view) and written as length-prefixed records.
@@ -127,9 +130,11 @@ pub struct GroupStateMachine {
 /// Writes of the batch being applied that later commands of the same batch must see.
 #[derive(Default)]
 struct Pending {
+    /// Conversation heads moved by this batch (written once each at the end).
     heads: HashMap<String, (u64, i64)>,
     dedupe: HashMap<Vec<u8>, (u64, i64)>,
-    messaging: messaging_state::Overlay,
+    /// Every other state write of the batch, sorted by key.
+    writes: messaging_state::Overlay,
 }
 
 /// Heads cached per group before the cache is dropped and refilled from disk.
@@ -226,14 +231,16 @@ impl GroupStateMachine {
     fn apply_append(
         &self,
         cmd: &AppendCommand,
-        batch: &mut WriteBatch,
         pending: &mut Pending,
     ) -> std::io::Result<CommandResponse> {
         if let Some(moved) = self.check_slot(cmd.slot) {
             return Ok(moved);
         }
-        let Pending { heads, dedupe, .. } = pending;
-        let cf = self.engine.cf_io(CF_STATE)?;
+        let Pending {
+            heads,
+            dedupe,
+            writes,
+        } = pending;
         let dkey = dedupe_key(
             self.group,
             &cmd.conversation,
@@ -260,17 +267,11 @@ impl GroupStateMachine {
             server_time_ms,
             payload: cmd.payload.clone(),
         };
-        batch.put_cf(
-            cf,
+        writes.insert(
             message_key(self.group, &cmd.conversation, seq),
             encode(&msg)?,
         );
-        batch.put_cf(
-            cf,
-            head_key(self.group, &cmd.conversation),
-            encode(&(seq, server_time_ms))?,
-        );
-        batch.put_cf(cf, &dkey, encode(&(seq, server_time_ms))?);
+        writes.insert(dkey.clone(), encode(&(seq, server_time_ms))?);
         heads.insert(cmd.conversation.clone(), (seq, server_time_ms));
         dedupe.insert(dkey, (seq, server_time_ms));
         Ok(CommandResponse::Appended {
@@ -283,28 +284,30 @@ impl GroupStateMachine {
     fn apply_command(
         &mut self,
         cmd: &Command,
-        batch: &mut WriteBatch,
         pending: &mut Pending,
     ) -> std::io::Result<CommandResponse> {
         let is_meta = self.placement_tx.is_some();
         match cmd {
-            Command::Append(a) if !is_meta => self.apply_append(a, batch, pending),
+            Command::Append(a) if !is_meta => self.apply_append(a, pending),
+            Command::Batch(cmds) if !is_meta => {
+                let mut responses = Vec::with_capacity(cmds.len());
+                for c in cmds {
+                    responses.push(match c {
+                        Command::Batch(_) => CommandResponse::Rejected("nested batch".into()),
+                        c => self.apply_command(c, pending)?,
+                    });
+                }
+                Ok(CommandResponse::Batch(responses))
+            }
             Command::Messaging { slot, op } if !is_meta => {
                 if let Some(moved) = self.check_slot(*slot) {
                     return Ok(moved);
                 }
-                let Pending {
-                    heads, messaging, ..
-                } = pending;
+                let Pending { heads, writes, .. } = pending;
                 let heads = &*heads;
-                let resp = messaging_state::apply(
-                    &self.engine,
-                    self.group,
-                    op,
-                    batch,
-                    messaging,
-                    |conv| self.head_of(conv, heads).map(|h| h.0),
-                )?;
+                let resp = messaging_state::apply(&self.engine, self.group, op, writes, |conv| {
+                    self.head_of(conv, heads).map(|h| h.0)
+                })?;
                 Ok(CommandResponse::Messaging(resp))
             }
             Command::AssignSlots { start, end, epoch } if !is_meta => {
@@ -313,18 +316,15 @@ impl GroupStateMachine {
                     end: *end,
                     epoch: *epoch,
                 };
-                batch.put_cf(
-                    self.engine.cf_io(CF_STATE)?,
-                    state_key(self.group, KEY_SLOTS, &[]),
-                    encode(&range)?,
-                );
+                pending
+                    .writes
+                    .insert(state_key(self.group, KEY_SLOTS, &[]), encode(&range)?);
                 self.slots = Some(range);
                 Ok(CommandResponse::SlotsAssigned)
             }
             Command::Meta(m) if is_meta => {
                 let resp = self.placement.apply(m);
-                batch.put_cf(
-                    self.engine.cf_io(CF_STATE)?,
+                pending.writes.insert(
                     state_key(self.group, KEY_PLACEMENT, &[]),
                     encode(&self.placement)?,
                 );
@@ -339,6 +339,38 @@ impl GroupStateMachine {
                 }
             ))),
         }
+    }
+
+    /// Writes what a batch of entries produced, with the applied log id, in key order.
+    fn write_pending(&mut self, mut pending: Pending) -> std::io::Result<()> {
+        pending.writes.insert(
+            state_key(self.group, KEY_APPLIED, &[]),
+            encode(&(self.applied, self.membership.clone()))?,
+        );
+        for (conversation, head) in &pending.heads {
+            pending
+                .writes
+                .insert(head_key(self.group, conversation), encode(head)?);
+        }
+        let cf = self.engine.cf_io(CF_STATE)?;
+        let mut batch = WriteBatch::default();
+        for (key, value) in &pending.writes {
+            batch.put_cf(cf, key, value);
+        }
+        // No WAL for state: it is rebuilt from the (synced) Raft log after a crash. The batch
+        // carries its applied log id, so whatever survives in flushed tables is a consistent
+        // prefix; snapshots flush the state first, so the log is never purged past it.
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.disable_wal(true);
+        self.engine
+            .db()
+            .write_opt(batch, &wo)
+            .map_err(crate::storage::engine_io_err)?;
+        if self.heads.len() + pending.heads.len() > HEAD_CACHE_LIMIT {
+            self.heads.clear();
+        }
+        self.heads.extend(pending.heads);
+        Ok(())
     }
 
     fn descriptor(&self) -> std::io::Result<Option<SnapshotDescriptor>> {
@@ -429,7 +461,6 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     where
         Strm: Stream<Item = std::io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
-        let mut batch = WriteBatch::default();
         let mut pending = Pending::default();
         let mut replies = Vec::new();
         let mut placement_changed = false;
@@ -439,7 +470,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 EntryPayload::Blank => CommandResponse::None,
                 EntryPayload::Normal(cmd) => {
                     placement_changed |= matches!(cmd, Command::Meta(_));
-                    self.apply_command(cmd, &mut batch, &mut pending)?
+                    self.apply_command(cmd, &mut pending)?
                 }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id()), m.clone());
@@ -450,24 +481,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 replies.push((r, resp));
             }
         }
-        batch.put_cf(
-            self.engine.cf_io(CF_STATE)?,
-            state_key(self.group, KEY_APPLIED, &[]),
-            encode(&(self.applied, self.membership.clone()))?,
-        );
-        // No WAL for state: it is rebuilt from the (synced) Raft log after a crash. The batch
-        // carries its applied log id, so whatever survives in flushed tables is a consistent
-        // prefix; snapshots flush the state first, so the log is never purged past it.
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.disable_wal(true);
-        self.engine
-            .db()
-            .write_opt(batch, &wo)
-            .map_err(crate::storage::engine_io_err)?;
-        if self.heads.len() + pending.heads.len() > HEAD_CACHE_LIMIT {
-            self.heads.clear();
-        }
-        self.heads.extend(pending.heads);
+        self.write_pending(pending)?;
         if placement_changed {
             if let Some(tx) = &self.placement_tx {
                 let map = Arc::new(self.placement.clone());
@@ -733,17 +747,12 @@ mod tests {
 
     /// Applies commands as one batch, the way `apply` does, and returns the responses.
     fn apply_all(sm: &mut GroupStateMachine, cmds: &[Command]) -> Vec<CommandResponse> {
-        let mut batch = WriteBatch::default();
         let mut pending = Pending::default();
         let out = cmds
             .iter()
-            .map(|c| {
-                sm.apply_command(c, &mut batch, &mut pending)
-                    .expect("apply")
-            })
+            .map(|c| sm.apply_command(c, &mut pending).expect("apply"))
             .collect();
-        sm.engine.db().write(batch).expect("write");
-        sm.heads.extend(pending.heads);
+        sm.write_pending(pending).expect("write");
         out
     }
 
@@ -956,6 +965,75 @@ mod tests {
             )
             .expect("query"),
             QueryResult::Conversations(vec![])
+        );
+    }
+
+    #[test]
+    fn batch_entries_answer_each_command_like_separate_entries() {
+        let (_dir, engine) = engine();
+        let mut sm = GroupStateMachine::open(engine.clone(), 3, None).expect("open");
+        apply_all(
+            &mut sm,
+            &[Command::AssignSlots {
+                start: 0,
+                end: 99,
+                epoch: 2,
+            }],
+        );
+        let appended = |seq, t| CommandResponse::Appended {
+            seq,
+            server_time_ms: t,
+            duplicate: false,
+        };
+        let r = apply_all(
+            &mut sm,
+            &[
+                Command::Batch(vec![
+                    append("c", "m1", 5, 10),
+                    append("c", "m2", 5, 11),
+                    // A retry inside the same batch gets the original seq.
+                    append("c", "m1", 5, 12),
+                    // A foreign slot is refused for that command only.
+                    append("z", "m1", 500, 1),
+                    Command::Batch(vec![append("c", "m9", 5, 1)]),
+                    append("d", "m1", 6, 3),
+                ]),
+                // The entry after the batch sees everything the batch wrote.
+                append("c", "m3", 5, 13),
+            ],
+        );
+        assert_eq!(
+            r,
+            vec![
+                CommandResponse::Batch(vec![
+                    appended(1, 10),
+                    appended(2, 11),
+                    CommandResponse::Appended {
+                        seq: 1,
+                        server_time_ms: 10,
+                        duplicate: true
+                    },
+                    CommandResponse::Moved { epoch: 2 },
+                    CommandResponse::Rejected("nested batch".into()),
+                    appended(1, 3),
+                ]),
+                appended(3, 13),
+            ]
+        );
+        let (entries, last) =
+            GroupStateMachine::read_conversation(&engine, 3, "c", 1, 10).expect("read");
+        assert_eq!(last, 3);
+        let ids: Vec<_> = entries
+            .iter()
+            .map(|(seq, m)| (*seq, m.client_msg_id.as_str()))
+            .collect();
+        assert_eq!(ids, vec![(1, "m1"), (2, "m2"), (3, "m3")]);
+        // The head survives a reopen (it is written once per batch, not per message).
+        drop(sm);
+        let mut sm = GroupStateMachine::open(engine.clone(), 3, None).expect("reopen");
+        assert_eq!(
+            apply_all(&mut sm, &[append("c", "m4", 5, 14)]),
+            vec![appended(4, 14)]
         );
     }
 

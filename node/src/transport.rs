@@ -28,6 +28,10 @@ use crate::replicas::Replicas;
 use crate::types::{decode, encode, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// HTTP/2 flow-control windows of node connections, both ways: every group's Raft
+/// traffic and forwarded appends share one connection per peer.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// Links cut on purpose (fault injection for tests): traffic to and from these peers is dropped.
 #[derive(Debug, Default)]
@@ -76,6 +80,8 @@ impl PeerPool {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();

@@ -37,6 +37,9 @@ pub enum Command {
     /// Shard groups: cursors, accounts, conversation indexes. `slot` is the slot of the
     /// op's routing key (conversation id or user id).
     Messaging { slot: Slot, op: MessagingOp },
+    /// Shard groups: several of the commands above in one log entry, applied in order,
+    /// each with its own response. The leader coalesces concurrent proposals this way.
+    Batch(Vec<Command>),
 }
 
 impl std::fmt::Display for Command {
@@ -50,6 +53,7 @@ impl std::fmt::Display for Command {
             }
             Command::Meta(m) => write!(f, "meta({m:?})"),
             Command::Messaging { op, .. } => write!(f, "messaging({op:?})"),
+            Command::Batch(cmds) => write!(f, "batch({} commands)", cmds.len()),
         }
     }
 }
@@ -73,6 +77,8 @@ pub enum CommandResponse {
     Messaging(MessagingResponse),
     /// The command is not valid for this kind of group.
     Rejected(String),
+    /// One response per command of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResponse>),
 }
 
 openraft::declare_raft_types!(

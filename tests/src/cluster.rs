@@ -591,6 +591,15 @@ impl LocalCluster {
         self.node(id).process().is_running()
     }
 
+    /// The process id of a node's running process (to read its memory use, say).
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        let mut process = self.node(id).process();
+        if !process.is_running() {
+            return None;
+        }
+        process.child.as_ref().map(Child::id)
+    }
+
     /// Whether a node is paused by [`pause`](Self::pause).
     pub fn is_paused(&self, id: u64) -> bool {
         let mut process = self.node(id).process();

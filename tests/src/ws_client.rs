@@ -2,12 +2,14 @@
 //! reads frames one at a time, for protocol tests (bad input, errors, limits) and for
 //! holding many idle connections cheaply. Applications use the `parley-client` SDK.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use futures::{SinkExt, StreamExt};
 use parley_proto::v1::{client_frame, server_frame, ClientFrame, Error, Event, Reply, ServerFrame};
 use prost::Message as _;
+use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -45,20 +47,51 @@ pub struct RawConnection {
 impl RawConnection {
     /// Connects to `ws://{addr}/v1/ws`.
     pub async fn connect(addr: &str) -> anyhow::Result<RawConnection> {
+        Self::connect_from(addr, None).await
+    }
+
+    /// Connects to `ws://{addr}/v1/ws` from the local address `source` (any port), so
+    /// that many connections to one node can use several loopback addresses
+    /// (127.0.0.x) when one address runs out of ephemeral ports; `None` lets the
+    /// kernel choose.
+    pub async fn connect_from(addr: &str, source: Option<IpAddr>) -> anyhow::Result<RawConnection> {
         let config = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(4096);
-        let (socket, _) = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::connect_async_with_config(
+        let connecting = async {
+            let target: SocketAddr = tokio::net::lookup_host(addr)
+                .await
+                .with_context(|| format!("resolving {addr}"))?
+                .next()
+                .with_context(|| format!("{addr} resolves to nothing"))?;
+            let socket = if target.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+            .context("creating a socket")?;
+            if let Some(ip) = source {
+                socket
+                    .bind(SocketAddr::new(ip, 0))
+                    .with_context(|| format!("binding to {ip}"))?;
+            }
+            let stream = socket
+                .connect(target)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+            let (socket, _) = tokio_tungstenite::client_async_with_config(
                 format!("ws://{addr}/v1/ws"),
+                MaybeTlsStream::Plain(stream),
                 Some(config),
-                true,
-            ),
-        )
-        .await
-        .context("connect timed out")?
-        .with_context(|| format!("connecting to {addr}"))?;
+            )
+            .await
+            .with_context(|| format!("WebSocket handshake with {addr}"))?;
+            anyhow::Ok(socket)
+        };
+        let socket = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .context("connect timed out")??;
         Ok(RawConnection { socket, next_id: 1 })
     }
 
