@@ -17,11 +17,20 @@
 //! 5. prints both side by side, ending with a single `RESULT` line for the
 //!    highest level.
 //!
+//! `parley-bench delivery` (module [`delivery`]) measures 1:1 messages end to
+//! end through real SDK sessions at stepped send rates; `parley-bench
+//! connections` (module [`connections`]) measures server memory per idle
+//! authenticated connection. Both start their own local 3-node cluster unless
+//! given `--endpoints`.
+//!
 //! Build with `cargo build --release -p parley-node -p parley-bench`; progress
 //! goes to stderr, results to stdout.
 
+mod connections;
+mod delivery;
 mod etcd;
 mod load;
+mod local;
 mod parley;
 mod report;
 
@@ -56,6 +65,11 @@ enum Command {
     /// Replicated write throughput and latency of Parley against etcd on local
     /// 3-node clusters, and Parley's write gap after a leader SIGKILL.
     Replication(ReplicationArgs),
+    /// End-to-end 1:1 message latency (send to the recipient's SDK) and throughput at
+    /// stepped send rates, through real WebSocket sessions.
+    Delivery(delivery::DeliveryArgs),
+    /// Server memory per idle authenticated WebSocket connection (10,000 by default).
+    Connections(connections::ConnectionsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +184,8 @@ struct ParleyOutcome {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Replication(args) => replication(&args).await,
+        Command::Delivery(args) => delivery::run(args).await,
+        Command::Connections(args) => connections::run(args).await,
     }
 }
 
@@ -407,7 +423,9 @@ mod tests {
     fn quick_overrides_levels_and_durations() -> anyhow::Result<()> {
         let cli =
             Cli::try_parse_from(["parley-bench", "replication", "--quick", "--seconds", "30"])?;
-        let Command::Replication(args) = cli.command;
+        let Command::Replication(args) = cli.command else {
+            anyhow::bail!("parsed as another command");
+        };
         let plan = Plan::new(&args)?;
         assert_eq!(plan.levels, vec![1, 16]);
         assert_eq!(plan.per_level, Duration::from_secs(2));
@@ -418,7 +436,9 @@ mod tests {
     #[test]
     fn levels_are_comma_separated() -> anyhow::Result<()> {
         let cli = Cli::try_parse_from(["parley-bench", "replication", "--concurrency", "2,8"])?;
-        let Command::Replication(args) = cli.command;
+        let Command::Replication(args) = cli.command else {
+            anyhow::bail!("parsed as another command");
+        };
         assert_eq!(Plan::new(&args)?.levels, vec![2, 8]);
         Ok(())
     }
