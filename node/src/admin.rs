@@ -310,19 +310,41 @@ impl AdminService {
     ) -> Result<T, ApiError>
     where
         Op: AsyncFnOnce(GroupRaft) -> Result<T, ApiError>,
-        Fwd: FnOnce(AdminClient<tonic::transport::Channel>) -> FwdFut,
+        Fwd: Fn(AdminClient<tonic::transport::Channel>) -> FwdFut,
         FwdFut: std::future::Future<Output = Result<T, Status>>,
     {
-        if let Some(raft) = self.cluster.local_leader(group) {
-            return op(raft).await;
-        }
-        let leader = self.cluster.leader_of(group);
-        match leader {
-            Some(l) if !forwarded && l != self.cluster.node_id() => {
-                let client = AdminClient::new(self.cluster.channel_to(l)?);
-                forward(client).await.map_err(|s| ApiError::forwarded(&s))
+        // A leadership in transition (an election, a hand-back to the preferred leader)
+        // answers `not_leader` for a moment: the node the request arrived at waits and
+        // tries again until the request deadline. A forwarded request is tried once; its
+        // sender owns the retries.
+        let deadline = Instant::now() + self.cluster.request_timeout();
+        let mut attempt = 0;
+        loop {
+            if let Some(raft) = self.cluster.local_leader(group) {
+                return op(raft).await;
             }
-            _ => Err(ApiError::NotLeader { group, leader }),
+            let leader = self.cluster.leader_of(group);
+            let refused = match leader {
+                Some(l) if !forwarded && l != self.cluster.node_id() => {
+                    let client = AdminClient::new(self.cluster.channel_to(l)?);
+                    match forward(client).await {
+                        Ok(v) => return Ok(v),
+                        Err(s) => match ApiError::from_status(&s) {
+                            ApiError::NotLeader { leader, .. } => {
+                                self.cluster.note_leader(group, leader);
+                                ApiError::NotLeader { group, leader }
+                            }
+                            _ => return Err(ApiError::forwarded(&s)),
+                        },
+                    }
+                }
+                _ => ApiError::NotLeader { group, leader },
+            };
+            if forwarded || Instant::now() >= deadline {
+                return Err(refused);
+            }
+            attempt += 1;
+            tokio::time::sleep(crate::cluster::backoff(attempt)).await;
         }
     }
 
@@ -386,10 +408,9 @@ impl AdminService {
                 };
                 self.cluster.propose_meta(cmd).await
             },
-            async |mut c| {
-                c.add_replica(forwarded_request(msg, timeout))
-                    .await
-                    .map(|r| r.into_inner().epoch)
+            |mut c| {
+                let request = forwarded_request(msg, timeout);
+                async move { c.add_replica(request).await.map(|r| r.into_inner().epoch) }
             },
         )
         .await
@@ -452,10 +473,13 @@ impl AdminService {
                 };
                 self.cluster.propose_meta(cmd).await
             },
-            async |mut c| {
-                c.remove_replica(forwarded_request(msg, timeout))
-                    .await
-                    .map(|r| r.into_inner().epoch)
+            |mut c| {
+                let request = forwarded_request(msg, timeout);
+                async move {
+                    c.remove_replica(request)
+                        .await
+                        .map(|r| r.into_inner().epoch)
+                }
             },
         )
         .await
@@ -509,10 +533,13 @@ impl AdminService {
                     "node {to} did not take leadership of group {group}"
                 )))
             },
-            async |mut c| {
-                c.transfer_leader(forwarded_request(msg, timeout))
-                    .await
-                    .map(|r| r.into_inner().epoch)
+            |mut c| {
+                let request = forwarded_request(msg, timeout);
+                async move {
+                    c.transfer_leader(request)
+                        .await
+                        .map(|r| r.into_inner().epoch)
+                }
             },
         )
         .await

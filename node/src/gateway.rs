@@ -42,8 +42,12 @@ const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 const PROXY_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes of protobuf envelope allowed on top of the payload limit.
 const FRAME_OVERHEAD: usize = 4096;
-/// Socket read and write buffers: small, so idle connections stay cheap.
-const SOCKET_BUFFER: usize = 4096;
+/// Bytes read from a socket at a time. The read buffer is allocated (and touched) for
+/// every connection, so it is small: idle connections stay cheap, and a typical frame
+/// (a few hundred bytes) still fits; larger frames are read in several pieces.
+const READ_BUFFER: usize = 1024;
+/// Bytes of outgoing frames buffered before a write to the socket (grows only with use).
+const WRITE_BUFFER: usize = 4096;
 
 /// WebSocket close codes Parley uses.
 pub mod close_code {
@@ -91,8 +95,8 @@ async fn upgrade(
     let max = gw.max_frame();
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(SOCKET_BUFFER)
-        .write_buffer_size(SOCKET_BUFFER)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let kind = if proxied { "proxied_in" } else { "direct" };
             let gauge = gw.metrics.connections.with_label_values(&[kind]);
@@ -198,16 +202,20 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, proxied: bool) {
         };
         let id = frame.request_id;
         let result = match frame.body {
-            Some(client_frame::Body::Register(r)) => gw
-                .accounts
-                .register(&r.user_id, &r.device_id)
-                .await
-                .map(reply::Result::Registered),
-            Some(client_frame::Body::Login(l)) => gw
-                .accounts
-                .login(&l.user_id, &l.device_id, &l.device_secret)
-                .await
-                .map(reply::Result::LoggedIn),
+            // Boxed: these futures are large and transient, and an unboxed one would be
+            // part of every connection's task for the connection's whole life.
+            Some(client_frame::Body::Register(r)) => {
+                Box::pin(gw.accounts.register(&r.user_id, &r.device_id))
+                    .await
+                    .map(reply::Result::Registered)
+            }
+            Some(client_frame::Body::Login(l)) => Box::pin(gw.accounts.login(
+                &l.user_id,
+                &l.device_id,
+                &l.device_secret,
+            ))
+            .await
+            .map(reply::Result::LoggedIn),
             Some(client_frame::Body::Ping(p)) => Ok(reply::Result::Pong(parley_proto::v1::Pong {
                 nonce: p.nonce,
                 server_time_ms: 0,
@@ -221,7 +229,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, proxied: bool) {
                     if !proxied {
                         relay_if_remote(gw, socket, who, id, bytes).await;
                     } else {
-                        session::run(gw, socket, who, id).await;
+                        Box::pin(session::run(gw, socket, who, id)).await;
                     }
                     return;
                 }
@@ -277,13 +285,15 @@ async fn relay_if_remote(
 ) {
     let me = gw.router.node_id();
     for home in gw.router.ranked(&who.user).into_iter().take(3) {
+        // Each path boxes its own future, so that a connection's task holds only the
+        // state of the path it took (a session here, or a relay), not the largest of them.
         if home.node == me {
-            session::run(gw, socket, who, auth_request_id).await;
+            Box::pin(session::run(gw, socket, who, auth_request_id)).await;
             return;
         }
-        match connect_home(&gw, &home.client_addr).await {
+        match Box::pin(connect_home(&gw, &home.client_addr)).await {
             Ok(upstream) => {
-                relay(gw, socket, upstream, auth_frame).await;
+                Box::pin(relay(gw, socket, upstream, auth_frame)).await;
                 return;
             }
             Err(e) => {
@@ -293,7 +303,7 @@ async fn relay_if_remote(
         }
     }
     // Nobody else reachable: serve here rather than refuse.
-    session::run(gw, socket, who, auth_request_id).await;
+    Box::pin(session::run(gw, socket, who, auth_request_id)).await;
 }
 
 async fn connect_home(gw: &Gateway, addr: &str) -> Result<HomeSocket, String> {
@@ -312,8 +322,8 @@ async fn connect_home(gw: &Gateway, addr: &str) -> Result<HomeSocket, String> {
     let config = tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
-        .read_buffer_size(SOCKET_BUFFER)
-        .write_buffer_size(SOCKET_BUFFER);
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER);
     let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
     match tokio::time::timeout(PROXY_CONNECT_TIMEOUT, connect).await {
         Ok(Ok((ws, _))) => Ok(ws),

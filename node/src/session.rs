@@ -387,9 +387,11 @@ fn event_frame(kind: event::Kind) -> WsMessage {
 impl DeliveryTask {
     async fn run(mut self, mut mail: mpsc::Receiver<Mail>, closer: Arc<Closer>) {
         while let Some(m) = mail.recv().await {
+            // Boxed: the task rests at `recv` for most of a session's life, so its own
+            // allocation should not be sized for these (large, transient) futures.
             let outcome = match m {
-                Mail::Events(events) => self.deliver(events).await,
-                Mail::Sync { request_id } => self.sync(request_id).await,
+                Mail::Events(events) => Box::pin(self.deliver(events)).await,
+                Mail::Sync { request_id } => Box::pin(self.sync(request_id)).await,
             };
             if let Err(e) = outcome {
                 // The log could not be read to keep order (cluster unavailable): close,
