@@ -63,22 +63,13 @@ impl Cluster {
                 endpoints: args.endpoints.clone(),
             });
         }
-        eprintln!(
-            "starting 3 parley-node processes ({} shard groups) in {}",
+        let local = start_local(
             args.shard_groups,
-            root.display()
-        );
-        let local = LocalCluster::start(ClusterOptions {
-            nodes: 3,
-            shard_groups: args.shard_groups,
-            data_root: Some(root.to_path_buf()),
-            node_bin: args.node_bin.clone(),
-            extra_args: args.node_args.clone(),
-            startup_timeout: STARTUP_TIMEOUT,
-            ..ClusterOptions::default()
-        })
-        .await
-        .context("cannot start the Parley cluster")?;
+            args.node_bin.clone(),
+            args.node_args.clone(),
+            root,
+        )
+        .await?;
         let endpoints = local.client_endpoints();
         Ok(Cluster {
             local: Some(local),
@@ -97,6 +88,30 @@ impl Cluster {
             .filter_map(|id| local.pid(id).map(|pid| (id, pid)))
             .collect()
     }
+}
+
+/// Starts a local 3-node cluster with its data under `root`.
+pub async fn start_local(
+    shard_groups: u32,
+    node_bin: Option<PathBuf>,
+    node_args: Vec<String>,
+    root: &Path,
+) -> anyhow::Result<LocalCluster> {
+    eprintln!(
+        "starting 3 parley-node processes ({shard_groups} shard groups) in {}",
+        root.display()
+    );
+    LocalCluster::start(ClusterOptions {
+        nodes: 3,
+        shard_groups,
+        data_root: Some(root.to_path_buf()),
+        node_bin,
+        extra_args: node_args,
+        startup_timeout: STARTUP_TIMEOUT,
+        ..ClusterOptions::default()
+    })
+    .await
+    .context("cannot start the Parley cluster")
 }
 
 /// A temporary directory for the run's data, kept (and named on stderr) if the run fails.

@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use clap::{Args, Parser, Subcommand};
-use parley_testkit::{ClusterOptions, LocalCluster};
 use rand::Rng as _;
 
 use crate::etcd::{EtcdCluster, EtcdTarget};
@@ -194,19 +193,10 @@ async fn replication(args: &ReplicationArgs) -> anyhow::Result<()> {
     for endpoint in &args.endpoints {
         ensure_loopback(endpoint)?;
     }
-    let parent = args.data_root.clone().unwrap_or_else(std::env::temp_dir);
-    let workdir = tempfile::Builder::new()
-        .prefix("parley-bench-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("cannot create a data directory in {}", parent.display()))?;
-    let outcome = run(args, &plan, workdir.path()).await;
-    if outcome.is_err() {
-        eprintln!(
-            "parley-bench: data and logs kept in {}",
-            workdir.keep().display()
-        );
-    }
-    outcome
+    local::with_workdir(args.data_root.as_deref(), |root| async move {
+        run(args, &plan, &root).await
+    })
+    .await
 }
 
 async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result<()> {
@@ -286,22 +276,13 @@ async fn run_parley(
         eprintln!("write gap: skipped, --endpoints given (no local node to kill)");
         return Ok(ParleyOutcome { levels, gap: None });
     }
-    eprintln!(
-        "starting {CLUSTER_SIZE} parley-node processes ({} shard groups) in {}",
+    let cluster = local::start_local(
         args.shard_groups,
-        root.display()
-    );
-    let cluster = LocalCluster::start(ClusterOptions {
-        nodes: CLUSTER_SIZE,
-        shard_groups: args.shard_groups,
-        data_root: Some(root.to_path_buf()),
-        node_bin: args.node_bin.clone(),
-        extra_args: args.node_args.clone(),
-        startup_timeout: STARTUP_TIMEOUT,
-        ..ClusterOptions::default()
-    })
-    .await
-    .context("cannot start the Parley cluster")?;
+        args.node_bin.clone(),
+        args.node_args.clone(),
+        root,
+    )
+    .await?;
     let target = ParleyTarget::connect(
         &cluster.endpoints(),
         args.append_rpc,
