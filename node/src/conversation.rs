@@ -217,17 +217,12 @@ impl ConversationService {
         group: GroupId,
         req: &AppendRequest,
     ) -> Result<Attempt<AppendReply>, ApiError> {
-        let Some(target) = self.forward_target(group, req.hops) else {
+        let Some(target) = self.begin_forward(group, req.hops, "append") else {
             return Ok(Attempt::Retry(ApiError::NotLeader {
                 group,
                 leader: None,
             }));
         };
-        self.cluster
-            .metrics
-            .forwarded_total
-            .with_label_values(&["append"])
-            .inc();
         let stream = match self.stream_to(target) {
             Ok(s) => s,
             Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
@@ -257,17 +252,12 @@ impl ConversationService {
         F: FnOnce(ConversationLogClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
-        let Some(target) = self.forward_target(group, hops) else {
+        let Some(target) = self.begin_forward(group, hops, service) else {
             return Ok(Attempt::Retry(ApiError::NotLeader {
                 group,
                 leader: None,
             }));
         };
-        self.cluster
-            .metrics
-            .forwarded_total
-            .with_label_values(&[service])
-            .inc();
         let channel = match self.cluster.channel_to(target) {
             Ok(c) => c,
             Err(e) => return Self::forward_failed(&self.cluster, group, target, e),
@@ -281,6 +271,18 @@ impl ConversationService {
             }
             Err(status) => Self::forward_status(&self.cluster, group, target, status),
         }
+    }
+
+    /// The node to forward a `service` request for `group` to, counted in the forwarding
+    /// metric; `None` when out of hops.
+    fn begin_forward(&self, group: GroupId, hops: u32, service: &str) -> Option<NodeId> {
+        let target = self.forward_target(group, hops)?;
+        self.cluster
+            .metrics
+            .forwarded_total
+            .with_label_values(&[service])
+            .inc();
+        Some(target)
     }
 
     /// Where to send a request for `group` this node cannot serve, or `None` when out of hops.
