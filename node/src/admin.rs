@@ -41,6 +41,26 @@ fn role(state: ServerState) -> &'static str {
     }
 }
 
+/// `ip:port` or `dns-name:port` (in Kubernetes, peers are addressed by stable pod DNS names).
+fn is_host_port(addr: &str) -> bool {
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    port.parse::<u16>().is_ok_and(|p| p > 0)
+        && !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 fn is_forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED)
 }
@@ -125,9 +145,9 @@ impl AdminService {
         let me = self.cluster.node_id();
         let mut nodes = BTreeMap::new();
         for n in &req.nodes {
-            if n.node_id == 0 || n.addr.parse::<std::net::SocketAddr>().is_err() {
+            if n.node_id == 0 || !is_host_port(&n.addr) {
                 return Err(ApiError::InvalidArgument(format!(
-                    "node {} needs an id >= 1 and an ip:port address",
+                    "node {} needs an id >= 1 and a host:port address",
                     n.node_id
                 )));
             }
@@ -297,6 +317,7 @@ impl AdminService {
             nodes,
             groups,
             metadata_leader,
+            metadata_voters: placement.metadata_voters.clone(),
         })
     }
 
@@ -628,9 +649,9 @@ impl Admin for AdminService {
                 .into_inner()
                 .node
                 .ok_or(ApiError::InvalidArgument("node is required".into()))?;
-            if n.node_id == 0 || n.addr.parse::<std::net::SocketAddr>().is_err() {
+            if n.node_id == 0 || !is_host_port(&n.addr) {
                 return Err(ApiError::InvalidArgument(
-                    "node needs an id >= 1 and an ip:port address".into(),
+                    "node needs an id >= 1 and a host:port address".into(),
                 ));
             }
             let info = NodeInfo {
@@ -731,6 +752,34 @@ impl Admin for AdminService {
         )
     }
 
+    async fn set_node_state(
+        &self,
+        request: Request<SetNodeStateRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
+        let r = request.into_inner();
+        let res = async {
+            let state = NodeState::parse(&r.state).ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "unknown node state {:?}: use active, draining, maintenance or removed",
+                    r.state
+                ))
+            })?;
+            let epoch = self
+                .cluster
+                .propose_meta(MetaCommand::SetNodeState {
+                    node_id: r.node_id,
+                    state,
+                })
+                .await?;
+            Ok(AdminReply {
+                epoch,
+                detail: format!("node {} is {}", r.node_id, state.as_str()),
+            })
+        }
+        .await;
+        reply(&self.cluster, res)
+    }
+
     async fn drain_node(
         &self,
         request: Request<DrainNodeRequest>,
@@ -783,5 +832,35 @@ impl Admin for AdminService {
         }
         .await;
         reply(&self.cluster, res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_host_port;
+
+    #[test]
+    fn peer_addresses_are_ip_or_dns_name_with_port() {
+        for ok in [
+            "127.0.0.1:7000",
+            "[::1]:7000",
+            "parley-0.parley-peers.chat.svc:7000",
+            "localhost:1",
+        ] {
+            assert!(is_host_port(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "parley-0",
+            "parley-0:",
+            "parley-0:0",
+            "parley-0:99999",
+            ":7000",
+            "-bad.example:7000",
+            "a..b:7000",
+            "white space:7000",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
     }
 }

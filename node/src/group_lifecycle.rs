@@ -13,7 +13,7 @@ use parley_proto::node::v1::admin_client::AdminClient;
 use parley_proto::node::v1::{GetPlacementRequest, JoinRequest, NodeAddress};
 
 use crate::cluster::Cluster;
-use crate::placement::{GroupId, MetaCommand, PlacementMap};
+use crate::placement::{GroupId, MetaCommand, NodeState, PlacementMap};
 use crate::types::{decode, Command, GroupRaft, METADATA_GROUP};
 
 const TICK: Duration = Duration::from_millis(250);
@@ -243,7 +243,15 @@ impl GroupLifecycle {
         let Some(&preferred) = voters.first() else {
             return;
         };
+        // A node being drained or restarted is not handed leaderships back.
+        let preferred_active = self
+            .cluster
+            .placement()
+            .nodes
+            .get(&preferred)
+            .is_some_and(|n| n.state == NodeState::Active);
         if preferred == self.cluster.node_id()
+            || !preferred_active
             || since.elapsed() < LEADER_SETTLE
             || last_transfer
                 .get(&group)

@@ -39,6 +39,9 @@ pub enum NodeState {
     Draining,
     /// Left the cluster; holds no replicas.
     Removed,
+    /// About to restart (a rolling upgrade): keeps its replicas, takes no new ones, and
+    /// is not handed leaderships back.
+    Maintenance,
 }
 
 impl NodeState {
@@ -47,6 +50,18 @@ impl NodeState {
             NodeState::Active => "active",
             NodeState::Draining => "draining",
             NodeState::Removed => "removed",
+            NodeState::Maintenance => "maintenance",
+        }
+    }
+
+    /// Parses the names [`NodeState::as_str`] gives.
+    pub fn parse(name: &str) -> Option<NodeState> {
+        match name {
+            "active" => Some(NodeState::Active),
+            "draining" => Some(NodeState::Draining),
+            "removed" => Some(NodeState::Removed),
+            "maintenance" => Some(NodeState::Maintenance),
+            _ => None,
         }
     }
 }
@@ -174,6 +189,10 @@ pub enum PlacementError {
     BelowReplicationFactor { group: GroupId, left: usize },
     #[error("node {node} registered with another address ({existing})")]
     AddressConflict { node: NodeId, existing: String },
+    #[error("node {0} was removed from the cluster; node ids are never reused")]
+    NodeRemoved(NodeId),
+    #[error("node {node} still hosts {replicas} replicas; drain it before removing it")]
+    NotEmpty { node: NodeId, replicas: usize },
 }
 
 impl PlacementMap {
@@ -299,28 +318,49 @@ impl PlacementMap {
                 Ok(())
             }
             MetaCommand::RegisterNode { node_id, info } => {
-                if let Some(existing) = self.nodes.get(node_id) {
-                    if existing.addr != info.addr && existing.state != NodeState::Removed {
+                // A node registers on every start: a known node keeps its state (a drain
+                // survives a restart); a removed id is never taken again.
+                let state = match self.nodes.get(node_id) {
+                    Some(existing) if existing.state == NodeState::Removed => {
+                        return Err(PlacementError::NodeRemoved(*node_id));
+                    }
+                    Some(existing) if existing.addr != info.addr => {
                         return Err(PlacementError::AddressConflict {
                             node: *node_id,
                             existing: existing.addr.clone(),
                         });
                     }
-                }
+                    Some(existing) => existing.state,
+                    None => NodeState::Active,
+                };
                 self.nodes.insert(
                     *node_id,
                     NodeInfo {
-                        state: NodeState::Active,
+                        state,
                         ..info.clone()
                     },
                 );
                 Ok(())
             }
             MetaCommand::SetNodeState { node_id, state } => {
+                let hosted = self.groups.values().filter(|g| g.hosts(*node_id)).count()
+                    + usize::from(self.metadata_voters.contains(node_id));
                 let node = self
                     .nodes
                     .get_mut(node_id)
                     .ok_or(PlacementError::UnknownNode(*node_id))?;
+                if node.state == *state {
+                    return Ok(());
+                }
+                if node.state == NodeState::Removed {
+                    return Err(PlacementError::NodeRemoved(*node_id));
+                }
+                if *state == NodeState::Removed && hosted > 0 {
+                    return Err(PlacementError::NotEmpty {
+                        node: *node_id,
+                        replicas: hosted,
+                    });
+                }
                 node.state = *state;
                 Ok(())
             }
@@ -617,5 +657,54 @@ mod tests {
             },
         });
         assert_eq!(map.pick_target(1), Some(5));
+    }
+    #[test]
+    fn node_states_survive_re_registration_and_removed_ids_stay_removed() {
+        let mut map = bootstrapped(2);
+        let four = MetaCommand::RegisterNode {
+            node_id: 4,
+            info: node("127.0.0.1:4"),
+        };
+        assert!(matches!(map.apply(&four), MetaResponse::Ok { .. }));
+        let drain = MetaCommand::SetNodeState {
+            node_id: 4,
+            state: NodeState::Draining,
+        };
+        assert!(matches!(map.apply(&drain), MetaResponse::Ok { .. }));
+        // A restart registers again: the drain must not be forgotten.
+        assert!(matches!(map.apply(&four), MetaResponse::Ok { .. }));
+        assert_eq!(map.nodes[&4].state, NodeState::Draining);
+        let remove = MetaCommand::SetNodeState {
+            node_id: 4,
+            state: NodeState::Removed,
+        };
+        assert!(matches!(map.apply(&remove), MetaResponse::Ok { .. }));
+        assert_eq!(
+            map.apply(&four),
+            MetaResponse::Refused(PlacementError::NodeRemoved(4))
+        );
+        assert_eq!(
+            map.apply(&MetaCommand::SetNodeState {
+                node_id: 4,
+                state: NodeState::Active
+            }),
+            MetaResponse::Refused(PlacementError::NodeRemoved(4))
+        );
+    }
+
+    #[test]
+    fn a_node_that_still_hosts_replicas_cannot_be_removed() {
+        let mut map = bootstrapped(2);
+        assert_eq!(
+            map.apply(&MetaCommand::SetNodeState {
+                node_id: 1,
+                state: NodeState::Removed
+            }),
+            MetaResponse::Refused(PlacementError::NotEmpty {
+                node: 1,
+                replicas: 3
+            })
+        );
+        assert_eq!(map.nodes[&1].state, NodeState::Active);
     }
 }
