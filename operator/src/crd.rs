@@ -5,6 +5,10 @@
 //! The CRD YAML in `crds/` is generated from these types (`parley-operator crd`); a test
 //! fails when the checked-in file differs.
 
+// Repeated `type_ = ...` keys inside separate `printcolumn(...)` entries are distinct
+// columns, not duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};

@@ -6,10 +6,14 @@
 //! deletes, Events) or on the Parley nodes' admin API ([`node_admin`]). It never reads or
 //! writes conversation data and never talks to clients.
 
+pub mod controller;
 pub mod crd;
+pub mod lease;
+pub mod metrics;
 pub mod model;
 pub mod node_admin;
 pub mod planner;
+pub mod resources;
 
 /// The CustomResourceDefinition YAML, as checked in under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {

@@ -17,7 +17,7 @@ use crate::crd::{
     Condition, GroupCounts, MemberState, MemberStatus, Operation, OperationType,
     ParleyClusterStatus,
 };
-use crate::model::{ClusterView, GroupId, NodeId, NodeState, Observed};
+use crate::model::{ClusterView, GroupId, NodeId, NodeState, Observed, METADATA_GROUP};
 
 /// Replicas per group.
 const RF: usize = 3;
@@ -1008,6 +1008,14 @@ impl<'a> Planner<'a> {
         let pod = self.obs.kube.pods.get(&ordinal);
         match op.phase.as_str() {
             "Gate" => {
+                // Nothing of this pod's restart has happened yet: a node that needs a
+                // failover goes first.
+                if self.failover_due() {
+                    self.finish(
+                        "rollout paused: a failover goes first; it resumes afterwards".into(),
+                    );
+                    return vec![];
+                }
                 let unhealthy = !c.under_replicated().is_empty()
                     || self.st.members.iter().any(|m| {
                         m.state == MemberState::Active && m.ordinal != ordinal && !m.ready
@@ -1039,7 +1047,10 @@ impl<'a> Planner<'a> {
                 }
                 for (gid, g) in c.all_groups() {
                     if g.leader == Some(node) {
-                        if let Some(to) = self.leader_target(c, gid, node) {
+                        let updated = (gid == METADATA_GROUP)
+                            .then(|| self.updated_voter(c, gid, node, &update_revision))
+                            .flatten();
+                        if let Some(to) = updated.or_else(|| self.leader_target(c, gid, node)) {
                             return vec![Step::TransferLeader { group: gid, to }];
                         }
                     }
@@ -1078,6 +1089,42 @@ impl<'a> Planner<'a> {
                 vec![]
             }
         }
+    }
+
+    /// A live, active voter of `gid` other than `from` whose pod already runs the newest
+    /// revision: the metadata leadership goes there during a rollout.
+    fn updated_voter(
+        &self,
+        c: &ClusterView,
+        gid: GroupId,
+        from: NodeId,
+        update_revision: &str,
+    ) -> Option<NodeId> {
+        let g = c.group(gid)?;
+        g.voters.iter().copied().find(|v| {
+            *v != from
+                && c.is_live(*v)
+                && c.nodes.get(v).is_some_and(|n| n.state == NodeState::Active)
+                && self.st.members.iter().any(|m| {
+                    m.node_id == *v
+                        && self
+                            .obs
+                            .kube
+                            .pods
+                            .get(&m.ordinal)
+                            .is_some_and(|p| p.revision == update_revision)
+                })
+        })
+    }
+
+    /// A member down past the failover timeout, while the daily budget allows one.
+    fn failover_due(&self) -> bool {
+        let spec = &self.obs.spec;
+        (self.st.failovers.len() as i32) < spec.failover.max_per_day
+            && self.st.members.iter().any(|m| {
+                m.down_since
+                    .is_some_and(|t| self.obs.now - t >= spec.failover.timeout_seconds)
+            })
     }
 
     fn next_rollout_target(&mut self) {
@@ -1238,22 +1285,17 @@ impl<'a> Planner<'a> {
                 .iter()
                 .filter(|m| m.state == MemberState::Active)
                 .filter(|m| {
-                    obs.kube
-                        .pods
-                        .get(&m.ordinal)
-                        .is_some_and(|p| p.revision != sts.update_revision)
+                    obs.kube.pods.get(&m.ordinal).is_some_and(|p| {
+                        p.revision != sts.update_revision && !p.host_gone && !p.terminating
+                    })
                 })
                 .map(|m| m.ordinal)
                 .collect();
             stale.sort_unstable_by(|a, b| b.cmp(a));
-            // The metadata leader goes last.
-            if let Some(pos) = stale.iter().position(|o| {
-                self.node_of(*o)
-                    .is_some_and(|n| c.metadata.leader == Some(n))
-            }) {
-                let meta = stale.remove(pos);
-                stale.push(meta);
-            }
+            // Strictly from the highest ordinal down: a StatefulSet partition updates
+            // every pod at or above it. The metadata leadership is moved onto an
+            // already updated node before each restart (see MovingLeaders), so it moves
+            // at most twice in a rollout.
             if !stale.is_empty() {
                 let total = stale.len() as u32;
                 self.start(OperationType::RollingUpgrade, "Gate", stale, total);
