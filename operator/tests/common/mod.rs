@@ -1,0 +1,3 @@
+//! Shared by the operator's test suites.
+
+pub mod cluster_model;
