@@ -28,7 +28,7 @@ use serde_json::json;
 use crate::crd::{ParleyCluster, ParleyClusterStatus, VolumeReclaimPolicy};
 use crate::metrics::Metrics;
 use crate::model::{ClusterView, KubeView, Observed, PodView, StatefulSetView, VolumeView};
-use crate::node_admin::NodeAdmin;
+use crate::node_admin::{ClusterApi, NodeAdmin};
 use crate::planner::{self, Plan, Step};
 use crate::resources::{self, names, ordinal_of, selector_labels};
 
@@ -55,14 +55,18 @@ pub enum Error {
     },
 }
 
+/// Unix seconds; injected so the simulation controls time.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
-    pub admin: NodeAdmin,
+    pub admin: Arc<dyn ClusterApi>,
     pub metrics: Metrics,
     pub recorder: Recorder,
     /// Set while this replica holds the leader lease.
     pub leader: Arc<AtomicBool>,
+    pub clock: Clock,
 }
 
 impl Context {
@@ -74,15 +78,30 @@ impl Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            admin: NodeAdmin::default(),
+            admin: Arc::new(NodeAdmin::default()),
             metrics,
             leader,
+            clock: Arc::new(|| jiff::Timestamp::now().as_second()),
         }
     }
-}
 
-fn now_unix() -> i64 {
-    jiff::Timestamp::now().as_second()
+    /// A context over another cluster API and clock (tests, simulation).
+    pub fn with_parts(
+        client: Client,
+        admin: Arc<dyn ClusterApi>,
+        clock: Clock,
+        leader: bool,
+    ) -> Self {
+        let mut ctx = Context::new(
+            client,
+            Metrics::new(),
+            "test",
+            Arc::new(AtomicBool::new(leader)),
+        );
+        ctx.admin = admin;
+        ctx.clock = clock;
+        ctx
+    }
 }
 
 /// One pass for one ParleyCluster.
@@ -438,7 +457,7 @@ pub async fn observe(pc: &ParleyCluster, ctx: &Context, ns: &str) -> Result<Obse
         }
     };
     Ok(Observed {
-        now: now_unix(),
+        now: (ctx.clock)(),
         generation: pc.metadata.generation.unwrap_or(0),
         spec: pc.spec.clone(),
         status: pc.status.clone().unwrap_or_default(),

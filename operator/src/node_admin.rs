@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use parley_proto::node::v1::admin_client::AdminClient;
 use parley_proto::node::v1::{
     BootstrapRequest, ClusterStatusRequest, NodeAddress, NodeStatusRequest, ReplicaChangeRequest,
@@ -15,6 +16,47 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::model::{ClusterView, GroupView, NodeId, NodeState, NodeView};
 use crate::planner::Step;
+
+/// What the controller needs from the cluster: the nodes' admin API in production, an
+/// in-memory cluster in tests and the simulation.
+pub trait ClusterApi: Send + Sync {
+    /// The node id the node at `addr` runs as, when it answers.
+    fn probe<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, Option<NodeId>>;
+    /// The cluster's view; `Ok(None)` before bootstrap.
+    fn cluster_view<'a>(
+        &'a self,
+        addrs: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<ClusterView>, AdminError>>;
+    /// Runs one cluster step.
+    fn execute<'a>(
+        &'a self,
+        addrs: &'a [String],
+        step: &'a Step,
+        peers: &'a BTreeMap<NodeId, NodeAddress>,
+    ) -> BoxFuture<'a, Result<(), AdminError>>;
+}
+
+impl ClusterApi for NodeAdmin {
+    fn probe<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, Option<NodeId>> {
+        Box::pin(NodeAdmin::probe(self, addr))
+    }
+
+    fn cluster_view<'a>(
+        &'a self,
+        addrs: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<ClusterView>, AdminError>> {
+        Box::pin(NodeAdmin::cluster_view(self, addrs))
+    }
+
+    fn execute<'a>(
+        &'a self,
+        addrs: &'a [String],
+        step: &'a Step,
+        peers: &'a BTreeMap<NodeId, NodeAddress>,
+    ) -> BoxFuture<'a, Result<(), AdminError>> {
+        Box::pin(NodeAdmin::execute(self, addrs, step, peers))
+    }
+}
 
 /// Why a call to a node failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +78,9 @@ pub enum AdminError {
     UnknownState(String),
     #[error("{0} is not a cluster step")]
     NotAClusterStep(String),
+    /// A refusal from an in-memory cluster (tests and simulation).
+    #[error("{0}")]
+    Simulated(String),
 }
 
 /// Talks to Parley nodes' admin API.

@@ -1278,7 +1278,13 @@ impl<'a> Planner<'a> {
             return vec![];
         }
         // 5. Rolling upgrade: pods not on the StatefulSet's newest revision, highest first.
-        if let Some(sts) = &obs.kube.statefulset {
+        // Before the StatefulSet controller reports a revision there is nothing to compare.
+        if let Some(sts) = obs
+            .kube
+            .statefulset
+            .as_ref()
+            .filter(|s| !s.update_revision.is_empty())
+        {
             let mut stale: Vec<i32> = self
                 .st
                 .members

@@ -466,10 +466,7 @@ fn balanced(c: Option<&ClusterView>, nodes: usize) -> bool {
 type Acked = HashMap<String, Vec<(u64, Vec<u8>)>>;
 
 /// Appends to many conversations until stopped; records what was acknowledged.
-fn start_workload(
-    endpoints: Vec<String>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Acked> {
+fn start_workload(endpoints: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Acked> {
     tokio::spawn(async move {
         let client = LogClient::new(endpoints).expect("log client");
         let acked = Arc::new(Mutex::new(Acked::new()));

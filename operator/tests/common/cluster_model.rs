@@ -117,10 +117,16 @@ impl ClusterModel {
             .map(|(id, n)| (*id, n.up && n.state != NodeState::Removed))
             .collect();
         for (_, g) in self.groups_mut() {
-            if g.leader.is_some_and(|l| !live.get(&l).copied().unwrap_or(false)) {
+            if g.leader
+                .is_some_and(|l| !live.get(&l).copied().unwrap_or(false))
+            {
                 g.leader = None;
             }
-            let up = g.voters.iter().filter(|v| live.get(v).copied().unwrap_or(false)).count();
+            let up = g
+                .voters
+                .iter()
+                .filter(|v| live.get(v).copied().unwrap_or(false))
+                .count();
             if g.leader.is_none() && up * 2 > g.voters.len() {
                 g.leader = g
                     .voters
@@ -179,12 +185,16 @@ impl ClusterModel {
         };
         let up = live.iter().filter(|l| **l).count();
         if up * 2 <= live.len() {
-            self.violations
-                .push(format!("{what} left group {gid} without a live majority ({up}/{})", live.len()));
+            self.violations.push(format!(
+                "{what} left group {gid} without a live majority ({up}/{})",
+                live.len()
+            ));
         }
         if live.len() < 3 {
-            self.violations
-                .push(format!("{what} left group {gid} with {} voters", live.len()));
+            self.violations.push(format!(
+                "{what} left group {gid} with {} voters",
+                live.len()
+            ));
         }
     }
 
@@ -276,9 +286,7 @@ impl ClusterModel {
                 Ok(())
             }
             Step::Bootstrap { .. } => Err("already bootstrapped".into()),
-            Step::DeletePod { .. } | Step::DeleteVolume { .. } => {
-                Err("not a cluster step".into())
-            }
+            Step::DeletePod { .. } | Step::DeleteVolume { .. } => Err("not a cluster step".into()),
         }
     }
 
