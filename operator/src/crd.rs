@@ -423,4 +423,8 @@ pub struct Operation {
     pub old_pod_uid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub old_volume_uid: Option<String>,
+    /// Failover only: the failed node's id, when its pod was replaced before its
+    /// replicas could move (no other node could take them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_node: Option<u64>,
 }

@@ -376,6 +376,7 @@ impl<'a> Planner<'a> {
             message: String::new(),
             old_pod_uid: None,
             old_volume_uid: None,
+            replaced_node: None,
         };
         self.notice(
             &format!("{type_:?}Started"),
@@ -682,6 +683,7 @@ impl<'a> Planner<'a> {
             "Draining" => {
                 if self.obs.spec.nodes > ordinal {
                     // Raised again before the point of no return: cancel the drain.
+                    self.st.members[i].state = MemberState::Active;
                     self.finish(format!(
                         "scale-in of pod {ordinal} cancelled: spec.nodes raised"
                     ));
@@ -694,6 +696,7 @@ impl<'a> Planner<'a> {
                         vec![]
                     };
                 }
+                self.st.members[i].state = MemberState::Draining;
                 if registry == Some(NodeState::Active) {
                     return vec![Step::SetNodeState {
                         node,
@@ -769,29 +772,44 @@ impl<'a> Planner<'a> {
             return vec![];
         };
         let m = self.st.members[i].clone();
-        let registry = c.nodes.get(&m.node_id).map(|n| n.state);
+        // The failed node; the member carries a new id once its pod was replaced.
+        let dead = op.replaced_node.unwrap_or(m.node_id);
+        let replaced = m.node_id != dead;
+        let registry = c.nodes.get(&dead).map(|n| n.state);
         match op.phase.as_str() {
             "ReReplicating" => {
-                if m.down_since.is_none() && registry != Some(NodeState::Removed) {
+                if !replaced && m.down_since.is_none() && registry != Some(NodeState::Removed) {
                     // Back before the point of no return (transient pod loss): stop; what
                     // moved stays moved and rebalancing evens it out.
-                    self.finish(format!("node {} came back; failover stopped", m.node_id));
+                    self.finish(format!("node {dead} came back; failover stopped"));
                     return vec![];
                 }
-                let left = Self::hosted_by(c, m.node_id);
+                let left = Self::hosted_by(c, dead);
                 let total = self.op_mut().total.max(left);
                 self.op_mut().total = total;
                 self.op_mut().done = total - left;
-                match self.move_off(c, m.node_id) {
+                match self.move_off(c, dead) {
                     Ok(Some(step)) => vec![step],
                     Ok(None) => {
                         let op = self.op_mut();
                         op.phase = "Removing".into();
                         op.point_of_no_return = true;
                         vec![Step::SetNodeState {
-                            node: m.node_id,
+                            node: dead,
                             state: NodeState::Removed,
                         }]
+                    }
+                    Err(why) if !replaced && self.replacement_allowed(&m) => {
+                        // No live node can take the replicas (a three-node cluster):
+                        // replace the pod first, then move the replicas onto it.
+                        self.notice(
+                            "ReplacingNode",
+                            format!(
+                                "{why}; replacing pod {ordinal} first (its host or volume is gone)"
+                            ),
+                        );
+                        self.begin_replacement(i);
+                        vec![]
                     }
                     Err(why) => {
                         self.op_mut().message = why.clone();
@@ -803,27 +821,41 @@ impl<'a> Planner<'a> {
             "Removing" => {
                 if registry.is_some() && registry != Some(NodeState::Removed) {
                     return vec![Step::SetNodeState {
-                        node: m.node_id,
+                        node: dead,
                         state: NodeState::Removed,
                     }];
                 }
-                self.st.members[i].state = MemberState::FailedOver;
-                self.st.members[i].down_since = None;
                 self.st.failovers.push(self.obs.now);
-                self.warn(
-                    "FailedOver",
-                    format!(
-                        "node {} (pod {ordinal}) failed over: its replicas live on other nodes",
-                        m.node_id
-                    ),
-                );
-                self.finish(format!("node {} failed over", m.node_id));
+                if replaced {
+                    self.warn(
+                        "FailedOver",
+                        format!(
+                            "node {dead} failed over onto node {} (pod {ordinal})",
+                            m.node_id
+                        ),
+                    );
+                } else {
+                    self.st.members[i].state = MemberState::FailedOver;
+                    self.st.members[i].down_since = None;
+                    self.warn(
+                        "FailedOver",
+                        format!("node {dead} (pod {ordinal}) failed over: its replicas live on other nodes"),
+                    );
+                }
+                self.finish(format!("node {dead} failed over"));
                 vec![]
             }
             "Replacing" => {
                 // The member already carries its new id, recorded before any delete; the
                 // deletes carry the old objects' uids, so repeating them is harmless.
                 if m.state == MemberState::Active {
+                    if op.replaced_node.is_some()
+                        && registry.is_some_and(|r| r != NodeState::Removed)
+                    {
+                        // Replaced first: now move the failed node's replicas onto it.
+                        self.set_phase("ReReplicating");
+                        return vec![];
+                    }
                     self.finish(format!(
                         "pod {ordinal} replaced; it runs as node {}",
                         m.node_id
@@ -864,6 +896,46 @@ impl<'a> Planner<'a> {
                 self.set_phase("ReReplicating");
                 vec![]
             }
+        }
+    }
+
+    /// Pod and volume replacement is allowed by the spec and backed by positive evidence
+    /// that the pod's Kubernetes node or its volume is gone.
+    fn replacement_allowed(&self, m: &MemberStatus) -> bool {
+        self.obs.spec.failover.replace_pods
+            && (self
+                .obs
+                .kube
+                .pods
+                .get(&m.ordinal)
+                .is_some_and(|p| p.host_gone)
+                || self
+                    .obs
+                    .kube
+                    .volumes
+                    .get(&m.ordinal)
+                    .is_some_and(|v| v.volume_gone))
+    }
+
+    /// Gives member `i` a new node id and records the old pod's and volume's uids, in the
+    /// operation, before anything is deleted.
+    fn begin_replacement(&mut self, i: usize) {
+        let new_id = self.st.next_node_id;
+        self.st.next_node_id += 1;
+        let ordinal = self.st.members[i].ordinal;
+        let old_id = self.st.members[i].node_id;
+        self.st.members[i].node_id = new_id;
+        self.st.members[i].state = MemberState::Pending;
+        self.st.members[i].down_since = None;
+        let old_pod_uid = self.obs.kube.pods.get(&ordinal).map(|p| p.uid.clone());
+        let old_volume_uid = self.obs.kube.volumes.get(&ordinal).map(|v| v.uid.clone());
+        let op = self.op_mut();
+        op.phase = "Replacing".into();
+        op.point_of_no_return = true;
+        op.old_pod_uid = old_pod_uid;
+        op.old_volume_uid = old_volume_uid;
+        if op.replaced_node.is_none() {
+            op.replaced_node = Some(old_id);
         }
     }
 
@@ -945,27 +1017,52 @@ impl<'a> Planner<'a> {
         for id in &active {
             leads.entry(*id).or_default();
         }
-        let (Some((&hi, &hi_n)), Some((&lo, &lo_n))) = (
-            leads
-                .iter()
-                .max_by_key(|(id, n)| (**n, std::cmp::Reverse(**id))),
-            leads.iter().min_by_key(|(id, n)| (**n, **id)),
-        ) else {
+        let Some(&hi_n) = leads.values().max() else {
             return vec![];
         };
+        let lo_n = leads.values().min().copied().unwrap_or(0);
         if hi_n <= lo_n + 1 {
             return vec![];
         }
-        c.groups
+        // A chain of leadership hand-overs from a node with the most preferred leaderships
+        // to one with at least two fewer: each hop moves one group's preference to
+        // another of its voters, so only the two ends change count.
+        let mut edges: BTreeMap<NodeId, Vec<(GroupId, NodeId)>> = BTreeMap::new();
+        for (gid, g) in &c.groups {
+            if let Some(&p) = g.voters.first() {
+                for v in g.voters.iter().skip(1).filter(|v| active.contains(v)) {
+                    edges.entry(p).or_default().push((*gid, *v));
+                }
+            }
+        }
+        let mut came_from: BTreeMap<NodeId, Option<(NodeId, GroupId)>> = leads
             .iter()
-            .find(|(_, g)| g.voters.first() == Some(&hi) && g.voters.contains(&lo))
-            .map(|(gid, _)| {
-                vec![Step::TransferLeader {
-                    group: *gid,
-                    to: lo,
-                }]
-            })
-            .unwrap_or_default()
+            .filter(|(_, n)| **n == hi_n)
+            .map(|(id, _)| (*id, None))
+            .collect();
+        let mut queue: std::collections::VecDeque<NodeId> = came_from.keys().copied().collect();
+        while let Some(u) = queue.pop_front() {
+            if leads.get(&u).copied().unwrap_or(0) + 2 <= hi_n {
+                let mut steps = Vec::new();
+                let mut at = u;
+                while let Some(Some((prev, gid))) = came_from.get(&at) {
+                    steps.push(Step::TransferLeader {
+                        group: *gid,
+                        to: at,
+                    });
+                    at = *prev;
+                }
+                steps.reverse();
+                return steps;
+            }
+            for (gid, v) in edges.get(&u).cloned().unwrap_or_default() {
+                if let std::collections::btree_map::Entry::Vacant(e) = came_from.entry(v) {
+                    e.insert(Some((u, gid)));
+                    queue.push_back(v);
+                }
+            }
+        }
+        vec![]
     }
 
     /// Whether adding `node` next to `others` keeps voters in distinct zones (or no zones).
@@ -1184,16 +1281,12 @@ impl<'a> Planner<'a> {
                 }
             });
             if let Some(m) = evidence.cloned() {
-                let new_id = self.st.next_node_id;
-                self.st.next_node_id += 1;
                 let i = self.member_index(m.ordinal).expect("member exists");
-                self.st.members[i].node_id = new_id;
-                self.st.members[i].state = MemberState::Pending;
                 self.start(OperationType::Failover, "Replacing", vec![m.ordinal], 1);
-                let op = self.op_mut();
-                op.point_of_no_return = true;
-                op.old_pod_uid = obs.kube.pods.get(&m.ordinal).map(|p| p.uid.clone());
-                op.old_volume_uid = obs.kube.volumes.get(&m.ordinal).map(|v| v.uid.clone());
+                self.begin_replacement(i);
+                // The old node already left membership: nothing to move afterwards.
+                self.op_mut().replaced_node = None;
+                let new_id = self.st.members[i].node_id;
                 self.notice(
                     "ReplacingNode",
                     format!(

@@ -127,6 +127,10 @@ impl ClusterModel {
                 .iter()
                 .filter(|v| live.get(v).copied().unwrap_or(false))
                 .count();
+            // A leader that cannot reach a majority steps down.
+            if up * 2 <= g.voters.len() {
+                g.leader = None;
+            }
             if g.leader.is_none() && up * 2 > g.voters.len() {
                 g.leader = g
                     .voters
