@@ -780,6 +780,33 @@ impl Admin for AdminService {
         reply(&self.cluster, res)
     }
 
+    async fn set_node_zone(
+        &self,
+        request: Request<SetNodeZoneRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
+        let r = request.into_inner();
+        let res = async {
+            if r.zone.len() > 63 {
+                return Err(ApiError::InvalidArgument(
+                    "a zone name is at most 63 bytes".into(),
+                ));
+            }
+            let epoch = self
+                .cluster
+                .propose_meta(MetaCommand::SetNodeZone {
+                    node_id: r.node_id,
+                    zone: r.zone.clone(),
+                })
+                .await?;
+            Ok(AdminReply {
+                epoch,
+                detail: format!("node {} is in zone {:?}", r.node_id, r.zone),
+            })
+        }
+        .await;
+        reply(&self.cluster, res)
+    }
+
     async fn drain_node(
         &self,
         request: Request<DrainNodeRequest>,

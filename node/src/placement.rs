@@ -155,6 +155,11 @@ pub enum MetaCommand {
     SetMetadataVoters {
         voters: Vec<NodeId>,
     },
+    /// Sets a node's zone (in Kubernetes the operator learns it from the pod's host).
+    SetNodeZone {
+        node_id: NodeId,
+        zone: String,
+    },
 }
 
 /// Outcome of a [`MetaCommand`].
@@ -333,10 +338,17 @@ impl PlacementMap {
                     Some(existing) => existing.state,
                     None => NodeState::Active,
                 };
+                // A zone set by the operator survives a restart of a node that has none
+                // configured.
+                let zone = match self.nodes.get(node_id) {
+                    Some(existing) if info.zone.is_empty() => existing.zone.clone(),
+                    _ => info.zone.clone(),
+                };
                 self.nodes.insert(
                     *node_id,
                     NodeInfo {
                         state,
+                        zone,
                         ..info.clone()
                     },
                 );
@@ -450,6 +462,14 @@ impl PlacementMap {
                     }
                 }
                 self.metadata_voters = voters.clone();
+                Ok(())
+            }
+            MetaCommand::SetNodeZone { node_id, zone } => {
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or(PlacementError::UnknownNode(*node_id))?;
+                node.zone = zone.clone();
                 Ok(())
             }
             MetaCommand::SetPreferredLeader { group, node } => {
@@ -706,5 +726,28 @@ mod tests {
             })
         );
         assert_eq!(map.nodes[&1].state, NodeState::Active);
+    }
+
+    #[test]
+    fn a_zone_set_by_the_operator_survives_re_registration() {
+        let mut map = bootstrapped(1);
+        let zone = MetaCommand::SetNodeZone {
+            node_id: 2,
+            zone: "eu-1b".into(),
+        };
+        assert!(matches!(map.apply(&zone), MetaResponse::Ok { .. }));
+        let again = MetaCommand::RegisterNode {
+            node_id: 2,
+            info: node("127.0.0.1:2"),
+        };
+        assert!(matches!(map.apply(&again), MetaResponse::Ok { .. }));
+        assert_eq!(map.nodes[&2].zone, "eu-1b");
+        assert_eq!(
+            map.apply(&MetaCommand::SetNodeZone {
+                node_id: 9,
+                zone: "x".into()
+            }),
+            MetaResponse::Refused(PlacementError::UnknownNode(9))
+        );
     }
 }

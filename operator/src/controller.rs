@@ -403,10 +403,15 @@ pub async fn observe(pc: &ParleyCluster, ctx: &Context, ns: &str) -> Result<Obse
         let Some(ordinal) = ordinal_of(&pod.name_any(), &n.statefulset) else {
             continue;
         };
-        let host_gone = match pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
-            Some(host) => nodes_api.get_opt(&host).await?.is_none(),
-            None => false,
+        let host = match pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            Some(name) => Some(nodes_api.get_opt(&name).await?),
+            None => None,
         };
+        let host_gone = matches!(host, Some(None));
+        let zone = host
+            .flatten()
+            .and_then(|n| n.labels().get(&pc.spec.zone_key).cloned())
+            .unwrap_or_default();
         let ready = pod
             .status
             .as_ref()
@@ -425,6 +430,7 @@ pub async fn observe(pc: &ParleyCluster, ctx: &Context, ns: &str) -> Result<Obse
                     .unwrap_or_default(),
                 answering_as,
                 host_gone,
+                zone,
                 terminating: pod.metadata.deletion_timestamp.is_some(),
             },
         );

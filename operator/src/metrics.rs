@@ -16,12 +16,13 @@ use prometheus::{
 };
 
 /// Every step the operator may take, as the `action` label.
-pub const ACTIONS: [&str; 7] = [
+pub const ACTIONS: [&str; 8] = [
     "bootstrap",
     "add_replica",
     "remove_replica",
     "transfer_leader",
     "set_node_state",
+    "set_node_zone",
     "delete_pod",
     "delete_volume",
 ];

@@ -54,6 +54,8 @@ pub struct PodView {
     pub answering_as: Option<NodeId>,
     /// Positive evidence that the Kubernetes node the pod was scheduled on no longer exists.
     pub host_gone: bool,
+    /// The zone label (`spec.zoneKey`) of the pod's Kubernetes node; empty when unknown.
+    pub zone: String,
     pub terminating: bool,
 }
 

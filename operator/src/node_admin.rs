@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use parley_proto::node::v1::admin_client::AdminClient;
 use parley_proto::node::v1::{
     BootstrapRequest, ClusterStatusRequest, NodeAddress, NodeStatusRequest, ReplicaChangeRequest,
-    SetNodeStateRequest, TransferLeaderRequest,
+    SetNodeStateRequest, SetNodeZoneRequest, TransferLeaderRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -244,6 +244,16 @@ impl NodeAdmin {
                         SetNodeStateRequest {
                             node_id: *node,
                             state: state.as_str().into(),
+                        },
+                        self.timeout * 5,
+                    ))
+                    .await
+                    .map(|_| ()),
+                Step::SetNodeZone { node, zone } => client
+                    .set_node_zone(self.request(
+                        SetNodeZoneRequest {
+                            node_id: *node,
+                            zone: zone.clone(),
                         },
                         self.timeout * 5,
                     ))

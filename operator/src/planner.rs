@@ -53,6 +53,11 @@ pub enum Step {
         node: NodeId,
         state: NodeState,
     },
+    /// Record the zone of the node's host in the cluster's registry.
+    SetNodeZone {
+        node: NodeId,
+        zone: String,
+    },
     /// Delete a pod; `uid` is a precondition.
     DeletePod {
         ordinal: i32,
@@ -74,6 +79,7 @@ impl Step {
             Step::RemoveReplica { .. } => "remove_replica",
             Step::TransferLeader { .. } => "transfer_leader",
             Step::SetNodeState { .. } => "set_node_state",
+            Step::SetNodeZone { .. } => "set_node_zone",
             Step::DeletePod { .. } => "delete_pod",
             Step::DeleteVolume { .. } => "delete_volume",
         }
@@ -95,6 +101,7 @@ impl Step {
                 format!("move leadership of group {group} to node {to}")
             }
             Step::SetNodeState { node, state } => format!("mark node {node} {}", state.as_str()),
+            Step::SetNodeZone { node, zone } => format!("record node {node} in zone {zone:?}"),
             Step::DeletePod { ordinal, .. } => format!("delete pod {ordinal}"),
             Step::DeleteVolume { ordinal, .. } => format!("delete the volume of pod {ordinal}"),
         }
@@ -465,6 +472,24 @@ impl<'a> Planner<'a> {
                 }]);
             }
         }
+        // The registry learns each node's zone from its pod's Kubernetes node, so replicas
+        // spread over zones.
+        for m in &self.st.members {
+            let zone = self
+                .obs
+                .kube
+                .pods
+                .get(&m.ordinal)
+                .filter(|p| p.answering_as == Some(m.node_id))
+                .map(|p| p.zone.clone())
+                .unwrap_or_default();
+            if !zone.is_empty() && c.nodes.get(&m.node_id).is_some_and(|n| n.zone != zone) {
+                return Some(vec![Step::SetNodeZone {
+                    node: m.node_id,
+                    zone,
+                }]);
+            }
+        }
         let known: BTreeSet<NodeId> = self.st.members.iter().map(|m| m.node_id).collect();
         let counts = c.replica_counts();
         for (id, n) in &c.nodes {
@@ -532,10 +557,16 @@ impl<'a> Planner<'a> {
             return Some(l);
         }
         let counts = c.replica_counts();
+        let zoned = zones_in_use(c).len() >= RF;
         g.voters.iter().copied().max_by_key(|v| {
             let bad =
                 !c.is_live(*v) || c.nodes.get(v).is_some_and(|n| n.state != NodeState::Active);
-            (bad, counts.get(v).copied().unwrap_or(0), *v)
+            // With zones, a voter sharing its zone with another voter goes first.
+            let shares_zone = zoned && {
+                let z = zone_of(c, *v);
+                !z.is_empty() && g.voters.iter().filter(|o| zone_of(c, **o) == z).count() > 1
+            };
+            (bad, shares_zone, counts.get(v).copied().unwrap_or(0), *v)
         })
     }
 
@@ -975,6 +1006,79 @@ impl<'a> Planner<'a> {
             .collect();
         let mut steps = Vec::new();
         let mut touched: BTreeSet<GroupId> = BTreeSet::new();
+        if zones_in_use(c).len() >= RF {
+            // Zones first: a group with two voters in one zone gets a replica in a zone it
+            // lacks (the duplicate is removed as the move's second half).
+            for (gid, g) in c.all_groups() {
+                if steps.len() >= max_moves {
+                    break;
+                }
+                if g.voters.len() != RF || !g.learners.is_empty() || touched.contains(&gid) {
+                    continue;
+                }
+                let used: BTreeSet<&str> = g.voters.iter().map(|v| zone_of(c, *v)).collect();
+                if used.len() == g.voters.len() {
+                    continue;
+                }
+                let target = counts
+                    .iter()
+                    .filter(|(id, _)| !g.hosts(**id) && !used.contains(zone_of(c, **id)))
+                    .min_by_key(|(id, n)| (**n, **id))
+                    .map(|(id, _)| *id);
+                if let Some(lo) = target {
+                    touched.insert(gid);
+                    steps.push(Step::AddReplica {
+                        group: gid,
+                        node: lo,
+                    });
+                    *counts.get_mut(&lo).expect("lo is counted") += 1;
+                }
+            }
+            // Then even out the nodes of each zone (a move inside a zone keeps the spread).
+            let zones: BTreeSet<String> = counts
+                .keys()
+                .map(|id| zone_of(c, *id).to_string())
+                .collect();
+            for zone in zones {
+                while steps.len() < max_moves {
+                    let in_zone: Vec<(NodeId, usize)> = counts
+                        .iter()
+                        .filter(|(id, _)| zone_of(c, **id) == zone)
+                        .map(|(id, n)| (*id, *n))
+                        .collect();
+                    let Some(&(hi, hi_n)) = in_zone
+                        .iter()
+                        .max_by_key(|(id, n)| (*n, std::cmp::Reverse(*id)))
+                    else {
+                        break;
+                    };
+                    let Some(&(lo, lo_n)) = in_zone.iter().min_by_key(|(id, n)| (*n, *id)) else {
+                        break;
+                    };
+                    if hi_n <= lo_n + 1 {
+                        break;
+                    }
+                    let candidate = c.all_groups().find(|(gid, g)| {
+                        !touched.contains(gid)
+                            && g.voters.contains(&hi)
+                            && !g.hosts(lo)
+                            && g.voters.len() == RF
+                            && g.learners.is_empty()
+                    });
+                    let Some((gid, _)) = candidate else { break };
+                    touched.insert(gid);
+                    steps.push(Step::AddReplica {
+                        group: gid,
+                        node: lo,
+                    });
+                    *counts.get_mut(&hi).expect("hi is counted") -= 1;
+                    *counts.get_mut(&lo).expect("lo is counted") += 1;
+                }
+            }
+            if !steps.is_empty() {
+                return steps;
+            }
+        }
         while steps.len() < max_moves {
             let Some((&hi, &hi_n)) = counts
                 .iter()
@@ -1520,6 +1624,20 @@ impl<'a> Planner<'a> {
             });
         }
     }
+}
+
+/// The zone the registry records for `node` ("" when unknown).
+fn zone_of(c: &ClusterView, node: NodeId) -> &str {
+    c.nodes.get(&node).map(|n| n.zone.as_str()).unwrap_or("")
+}
+
+/// Zones of active, reachable nodes.
+fn zones_in_use(c: &ClusterView) -> BTreeSet<&str> {
+    c.nodes
+        .values()
+        .filter(|n| n.state == NodeState::Active && n.reachable && !n.zone.is_empty())
+        .map(|n| n.zone.as_str())
+        .collect()
 }
 
 /// Unix seconds as RFC 3339 (UTC).

@@ -232,6 +232,7 @@ impl World {
                     revision: pod.revision.clone(),
                     answering_as,
                     host_gone: false,
+                    zone: format!("zone-{}", o % 3),
                     terminating: false,
                 },
             );
@@ -443,19 +444,40 @@ fn idle(st: &ParleyClusterStatus) -> bool {
     st.operation.is_none()
 }
 
+/// Settled and spread: `nodes` active nodes, every group with three voters in three
+/// distinct zones and a leader, replica counts within one per node inside each zone.
+/// (Leadership balance is the planner's own "nothing left to move", checked by `idle`.)
 fn balanced(c: Option<&ClusterView>, nodes: usize) -> bool {
     let Some(c) = c else { return false };
     let counts = c.replica_counts();
-    let live: Vec<usize> = c
+    let active: Vec<u64> = c
         .nodes
         .iter()
         .filter(|(_, n)| n.state == parley_operator::model::NodeState::Active && n.reachable)
-        .map(|(id, _)| counts.get(id).copied().unwrap_or(0))
+        .map(|(id, _)| *id)
         .collect();
-    let leads: Vec<usize> = c.preferred_leader_counts().into_values().collect();
-    live.len() == nodes
-        && live.iter().max().unwrap_or(&0) - live.iter().min().unwrap_or(&0) <= 1
-        && leads.iter().max().unwrap_or(&0) - leads.iter().min().unwrap_or(&0) <= 1
+    let zone = |id: &u64| c.nodes.get(id).map(|n| n.zone.clone()).unwrap_or_default();
+    let zones: std::collections::BTreeSet<String> = active.iter().map(zone).collect();
+    let even_in_zones = zones.iter().all(|z| {
+        let n: Vec<usize> = active
+            .iter()
+            .filter(|id| zone(id) == *z)
+            .map(|id| counts.get(id).copied().unwrap_or(0))
+            .collect();
+        n.iter().max().unwrap_or(&0) - n.iter().min().unwrap_or(&0) <= 1
+    });
+    let distinct_zones = c.all_groups().all(|(_, g)| {
+        g.voters
+            .iter()
+            .map(zone)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == g.voters.len()
+    });
+    active.len() == nodes
+        && zones.len() == 3
+        && even_in_zones
+        && distinct_zones
         && c.leaderless().is_empty()
         && c.under_replicated().is_empty()
         && c.all_groups()

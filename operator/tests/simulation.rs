@@ -70,12 +70,8 @@ impl Sim {
         let hosts: Vec<String> = (0..6).map(|i| format!("host-{i}")).collect();
         {
             let mut s = store.lock().expect("lock");
-            for h in &hosts {
-                s.put(
-                    NODES,
-                    h,
-                    json!({"apiVersion": "v1", "kind": "Node", "metadata": {}}),
-                );
+            for (i, h) in hosts.iter().enumerate() {
+                s.put(NODES, h, host_object(i as u32));
             }
         }
         let mut sim = Sim {
@@ -340,11 +336,7 @@ impl Sim {
                     self.next_host += 1;
                     let mut s = self.store.lock().expect("lock");
                     s.remove(NODES, &h);
-                    s.put(
-                        NODES,
-                        &new,
-                        json!({"apiVersion": "v1", "kind": "Node", "metadata": {}}),
-                    );
+                    s.put(NODES, &new, host_object(self.next_host - 1));
                     self.hosts.push(new);
                     self.trace.push(format!("fault: {h} lost"));
                 }
@@ -446,6 +438,12 @@ impl Sim {
             && ready as i32 == self.spec_nodes
             && st.current_version.as_deref() == Some(format!("1.{}", self.version).as_str())
     }
+}
+
+/// A Kubernetes node in one of three zones.
+fn host_object(i: u32) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+           "metadata": {"labels": {"topology.kubernetes.io/zone": format!("zone-{}", i % 3)}}})
 }
 
 /// A small stable hash for template revisions.

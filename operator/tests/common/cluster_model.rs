@@ -289,6 +289,14 @@ impl ClusterModel {
                 n.state = *state;
                 Ok(())
             }
+            Step::SetNodeZone { node, zone } => {
+                let n = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or_else(|| format!("unknown node {node}"))?;
+                n.zone = zone.clone();
+                Ok(())
+            }
             Step::Bootstrap { .. } => Err("already bootstrapped".into()),
             Step::DeletePod { .. } | Step::DeleteVolume { .. } => Err("not a cluster step".into()),
         }
@@ -306,7 +314,64 @@ impl ClusterModel {
             .collect();
         let leads: Vec<usize> = view.preferred_leader_counts().into_values().collect();
         let spread = |v: &[usize]| v.iter().max().unwrap_or(&0) - v.iter().min().unwrap_or(&0);
-        spread(&active) <= 1 && spread(&leads) <= 1
+        let zones: std::collections::BTreeSet<&str> = self
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Active && n.up && !n.zone.is_empty())
+            .map(|n| n.zone.as_str())
+            .collect();
+        let replicas_even = if zones.len() >= 3 {
+            // Zones hold one replica of every group each: even within each zone.
+            zones.iter().all(|z| {
+                let in_zone: Vec<usize> = self
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| n.state == NodeState::Active && n.up && n.zone == *z)
+                    .map(|(id, _)| counts.get(id).copied().unwrap_or(0))
+                    .collect();
+                spread(&in_zone) <= 1
+            }) && self.zone_conflicts().is_empty()
+        } else {
+            spread(&active) <= 1
+        };
+        replicas_even && (spread(&leads) <= 1 || !self.leader_chain_exists())
+    }
+
+    /// Whether a chain of preferred-leader hand-overs (each to another voter of the same
+    /// group) leads from a node with the most preferred leaderships to one with at least
+    /// two fewer. Without one, leaders are as even as the replica layout allows.
+    pub fn leader_chain_exists(&self) -> bool {
+        let view = self.view();
+        let leads = view.preferred_leader_counts();
+        let Some(&max) = leads.values().max() else {
+            return false;
+        };
+        let active = |id: &NodeId| {
+            self.nodes
+                .get(id)
+                .is_some_and(|n| n.state == NodeState::Active && n.up)
+        };
+        let mut seen: std::collections::BTreeSet<NodeId> = leads
+            .iter()
+            .filter(|(_, n)| **n == max)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut queue: Vec<NodeId> = seen.iter().copied().collect();
+        while let Some(u) = queue.pop() {
+            if leads.get(&u).copied().unwrap_or(0) + 2 <= max {
+                return true;
+            }
+            for g in self.groups.values() {
+                if g.voters.first() == Some(&u) {
+                    for v in g.voters.iter().skip(1).filter(|v| active(v)) {
+                        if seen.insert(*v) {
+                            queue.push(*v);
+                        }
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// Every group: three voters on distinct nodes, no learner, a leader.

@@ -113,6 +113,7 @@ mod tests {
         let status = ClusterStatusReply {
             epoch: 7,
             metadata_leader: 2,
+            metadata_voters: vec![1, 2, 3],
             nodes: vec![ClusterNode {
                 address: Some(NodeAddress {
                     node_id: 1,
