@@ -6,9 +6,10 @@
 //! ordinal, rolling updates at or above the partition, a pod Ready a tick after it
 //! starts, hosts that can vanish); an in-memory Parley cluster (node registry, groups,
 //! leaders, elections) that pods join with the node id their ConfigMap entry gives.
-//! Seeded faults: pods killed (transient loss), hosts lost (permanent), API requests
-//! failing mid-pass (a crash between two side effects; the next pass starts from the
-//! stored status only), spec changes (scale up and down, new versions) at random times.
+//! Seeded faults: pods killed (transient loss), hosts lost (permanent), API requests and
+//! cluster steps failing mid-pass (a crash between two side effects; the next pass starts
+//! from the stored status only, with a new operator context), spec changes (scale up and
+//! down, new versions) at random times. Hosts carry zone labels (three zones).
 //!
 //! After every pass: no step took a group below quorum or under three voters, at most
 //! one operation, node ids never reused, no pod removed while its node is still a
@@ -347,6 +348,13 @@ impl Sim {
                 self.store.lock().expect("lock").fail_mutation_in = Some(n);
                 self.trace
                     .push(format!("fault: API request {n} from now fails"));
+            }
+            10..=11 => {
+                // A cluster step fails before it takes effect.
+                let n = self.rng.random_range(0..3);
+                *self.cluster.fail_step_in.lock().expect("lock") = Some(n);
+                self.trace
+                    .push(format!("fault: cluster step {n} from now fails"));
             }
             8 => {
                 self.spec_nodes = self.rng.random_range(3..=6);

@@ -22,6 +22,9 @@ pub struct FakeCluster {
     pub answering: Arc<Mutex<BTreeMap<String, NodeId>>>,
     pub executed: Arc<Mutex<Vec<Step>>>,
     pub shard_groups: u32,
+    /// Fail the n-th cluster step from now, before it takes effect (a node answering
+    /// `unavailable`, or the operator dying mid-call).
+    pub fail_step_in: Arc<Mutex<Option<usize>>>,
 }
 
 impl FakeCluster {
@@ -72,6 +75,19 @@ impl ClusterApi for FakeCluster {
         _peers: &'a BTreeMap<NodeId, NodeAddress>,
     ) -> BoxFuture<'a, Result<(), AdminError>> {
         self.executed.lock().expect("lock").push(step.clone());
+        {
+            let mut fail = self.fail_step_in.lock().expect("lock");
+            match fail.as_mut() {
+                Some(0) => {
+                    *fail = None;
+                    return Box::pin(async {
+                        Err(AdminError::Simulated("injected: node unavailable".into()))
+                    });
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+        }
         let mut model = self.model.lock().expect("lock");
         let res = match (step, model.as_mut()) {
             (
