@@ -148,7 +148,12 @@ async fn apply(pc: Arc<ParleyCluster>, ctx: Arc<Context>) -> Result<Action, Erro
     let mut planned = (*pc).clone();
     planned.status = Some(plan.status.clone());
     if !pc.spec.paused {
-        apply_owned(&ctx, &planned, &ns).await?;
+        let live_hash = obs
+            .kube
+            .statefulset
+            .as_ref()
+            .map(|s| s.template_hash.as_deref());
+        apply_owned(&ctx, &planned, &ns, live_hash).await?;
     }
     run_steps(&ctx, &planned, &ns, &plan).await;
     for n in &plan.notices {
@@ -231,12 +236,24 @@ where
 
 /// The ConfigMap first (a new pod must find its node id), then Services, the PDB and
 /// the StatefulSet, whose size and partition follow the status just recorded.
-pub async fn apply_owned(ctx: &Context, pc: &ParleyCluster, ns: &str) -> Result<(), Error> {
+///
+/// `live_hash` is the live StatefulSet's template digest (`None` when there is no
+/// StatefulSet yet): a changed template goes in with the partition closed.
+pub async fn apply_owned(
+    ctx: &Context,
+    pc: &ParleyCluster,
+    ns: &str,
+    live_hash: Option<Option<&str>>,
+) -> Result<(), Error> {
     ssa(ctx, ns, &resources::config_map(pc)).await?;
     ssa(ctx, ns, &resources::peer_service(pc)).await?;
     ssa(ctx, ns, &resources::client_service(pc)).await?;
     ssa(ctx, ns, &resources::pdb(pc)).await?;
-    ssa(ctx, ns, &resources::statefulset(pc)).await?;
+    let mut sts = resources::statefulset(pc);
+    if let Some(live) = live_hash {
+        resources::hold_partition_on_template_change(&mut sts, live);
+    }
+    ssa(ctx, ns, &sts).await?;
     Ok(())
 }
 
@@ -394,6 +411,10 @@ pub async fn observe(pc: &ParleyCluster, ctx: &Context, ns: &str) -> Result<Obse
                 .status
                 .and_then(|st| st.update_revision)
                 .unwrap_or_default(),
+            template_hash: s
+                .metadata
+                .annotations
+                .and_then(|a| a.get(resources::TEMPLATE_HASH).cloned()),
         }
     });
     let nodes_api: Api<Node> = Api::all(ctx.client.clone());

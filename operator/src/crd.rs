@@ -373,6 +373,10 @@ pub enum MemberState {
     Draining,
     /// Its replicas were re-created elsewhere after it failed.
     FailedOver,
+    /// Its pod and volume are being replaced; the new node id is reserved, and its
+    /// configuration is withheld until the old volume is gone, so the new id never
+    /// starts on the old node's data.
+    Replacing,
     /// Removed from cluster membership; the pod and volume go next.
     Removed,
 }
@@ -427,4 +431,8 @@ pub struct Operation {
     /// replicas could move (no other node could take them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced_node: Option<u64>,
+    /// A rolling upgrade: the StatefulSet revision it rolls out. A newer revision
+    /// mid-rollout starts it over from the highest ordinal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
 }

@@ -42,6 +42,9 @@ pub struct StatefulSetView {
     pub partition: i32,
     /// The revision pods are updated to.
     pub update_revision: String,
+    /// The pod-template digest it was last applied with (`parley.io/template-hash`);
+    /// `None` before the first apply or when the annotation is missing.
+    pub template_hash: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]

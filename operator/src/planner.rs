@@ -145,7 +145,10 @@ struct Planner<'a> {
     obs: &'a Observed,
     st: ParleyClusterStatus,
     notices: Vec<Notice>,
+    /// What blocks progress (shown first in the Degraded condition).
     degraded: Vec<(String, String)>,
+    /// Symptoms: under-replicated groups, nodes down (shown when nothing is blocked).
+    symptoms: Vec<(String, String)>,
     progressing: Option<(String, String)>,
 }
 
@@ -156,6 +159,7 @@ pub fn plan(obs: &Observed) -> Plan {
         st: obs.status.clone(),
         notices: Vec::new(),
         degraded: Vec::new(),
+        symptoms: Vec::new(),
         progressing: None,
     };
     p.refresh();
@@ -187,6 +191,10 @@ impl<'a> Planner<'a> {
 
     fn degrade(&mut self, reason: &str, message: String) {
         self.degraded.push((reason.into(), message));
+    }
+
+    fn symptom(&mut self, reason: &str, message: String) {
+        self.symptoms.push((reason.into(), message));
     }
 
     fn member_index(&self, ordinal: i32) -> Option<usize> {
@@ -300,6 +308,11 @@ impl<'a> Planner<'a> {
                 "Paused".into(),
                 "spec.paused is set: no action is taken".into(),
             ));
+            // Status stays current while paused: health is still reported.
+            if let Some(c) = obs.cluster.as_ref() {
+                self.report_health(c);
+                self.quorum_lost(c);
+            }
             return vec![];
         }
         if !self.st.bootstrapped {
@@ -318,15 +331,7 @@ impl<'a> Planner<'a> {
             return vec![];
         };
         self.report_health(cluster);
-        let leaderless = cluster.leaderless();
-        if !leaderless.is_empty() {
-            self.degrade(
-                "QuorumLost",
-                format!(
-                    "groups {leaderless:?} have no leader; no automatic action until they do \
-                     (restore the missing nodes or repair by hand)"
-                ),
-            );
+        if self.quorum_lost(cluster) {
             return vec![];
         }
         if let Some(steps) = self.continue_operation(cluster) {
@@ -338,10 +343,26 @@ impl<'a> Planner<'a> {
         self.choose_operation(cluster)
     }
 
+    /// Whether a group (or the metadata group) has no leader; says so in Degraded.
+    fn quorum_lost(&mut self, c: &ClusterView) -> bool {
+        let leaderless = c.leaderless();
+        if leaderless.is_empty() {
+            return false;
+        }
+        self.degrade(
+            "QuorumLost",
+            format!(
+                "groups {leaderless:?} have no leader; no automatic action until they do \
+                 (restore the missing nodes or repair by hand)"
+            ),
+        );
+        true
+    }
+
     fn report_health(&mut self, c: &ClusterView) {
         let under = c.under_replicated();
         if !under.is_empty() {
-            self.degrade(
+            self.symptom(
                 "UnderReplicated",
                 format!("groups {under:?} have fewer than three live voters"),
             );
@@ -354,7 +375,7 @@ impl<'a> Planner<'a> {
             .map(|m| m.ordinal)
             .collect();
         if !down.is_empty() {
-            self.degrade("NodeDown", format!("pods {down:?} are down"));
+            self.symptom("NodeDown", format!("pods {down:?} are down"));
         }
         if let Some(sts) = &self.obs.kube.statefulset {
             let want = desired_pods(&self.st);
@@ -384,6 +405,7 @@ impl<'a> Planner<'a> {
             old_pod_uid: None,
             old_volume_uid: None,
             replaced_node: None,
+            revision: None,
         };
         self.notice(
             &format!("{type_:?}Started"),
@@ -468,6 +490,17 @@ impl<'a> Planner<'a> {
             if n.state == NodeState::Maintenance && Some(*id) != rollout_target {
                 return Some(vec![Step::SetNodeState {
                     node: *id,
+                    state: NodeState::Active,
+                }]);
+            }
+        }
+        // A drain mark left by an interrupted cancel: the member is active.
+        for m in &self.st.members {
+            if m.state == MemberState::Active
+                && c.nodes.get(&m.node_id).map(|n| n.state) == Some(NodeState::Draining)
+            {
+                return Some(vec![Step::SetNodeState {
+                    node: m.node_id,
                     state: NodeState::Active,
                 }]);
             }
@@ -692,10 +725,11 @@ impl<'a> Planner<'a> {
             return vec![];
         }
         if self.obs.spec.nodes <= ordinal && !c.nodes.contains_key(&m.node_id) {
-            // Cancelled before it registered: drop it; a late registration of the id is
-            // cleaned up as a ghost.
-            self.st.members.remove(i);
+            // Cancelled before it registered: its pod and the volume the StatefulSet made
+            // for it go as in a scale-in (a late registration is marked removed).
             self.finish(format!("scale-out of pod {ordinal} cancelled by the spec"));
+            self.st.members[i].state = MemberState::Removed;
+            self.start(OperationType::ScaleIn, "DeletingVolume", vec![ordinal], 1);
             return vec![];
         }
         self.op_mut().message = format!("waiting for node {} to register", m.node_id);
@@ -714,18 +748,23 @@ impl<'a> Planner<'a> {
             "Draining" => {
                 if self.obs.spec.nodes > ordinal {
                     // Raised again before the point of no return: cancel the drain.
-                    self.st.members[i].state = MemberState::Active;
-                    self.finish(format!(
-                        "scale-in of pod {ordinal} cancelled: spec.nodes raised"
-                    ));
-                    return if registry == Some(NodeState::Draining) {
-                        vec![Step::SetNodeState {
-                            node,
-                            state: NodeState::Active,
-                        }]
-                    } else {
-                        vec![]
-                    };
+                    return self.cancel_drain(
+                        i,
+                        registry,
+                        format!("scale-in of pod {ordinal} cancelled: spec.nodes raised"),
+                    );
+                }
+                if self.failover_due() {
+                    // The drain is reversible and a failover needs the operation slot (and
+                    // the drain may need the failed node): the failover goes first.
+                    return self.cancel_drain(
+                        i,
+                        registry,
+                        format!(
+                            "scale-in of pod {ordinal} paused: a failover goes first; it \
+                             resumes afterwards"
+                        ),
+                    );
                 }
                 self.st.members[i].state = MemberState::Draining;
                 if registry == Some(NodeState::Active) {
@@ -794,6 +833,22 @@ impl<'a> Planner<'a> {
                 vec![]
             }
         }
+    }
+
+    /// Ends a drain before its point of no return: the registry mark is cleared first
+    /// (the operation stays until it is), then the member is active again.
+    fn cancel_drain(&mut self, i: usize, registry: Option<NodeState>, note: String) -> Vec<Step> {
+        let node = self.st.members[i].node_id;
+        if registry == Some(NodeState::Draining) {
+            self.op_mut().message = format!("clearing node {node}'s drain mark");
+            return vec![Step::SetNodeState {
+                node,
+                state: NodeState::Active,
+            }];
+        }
+        self.st.members[i].state = MemberState::Active;
+        self.finish(note);
+        vec![]
     }
 
     fn continue_failover(&mut self, c: &ClusterView, op: &Operation) -> Vec<Step> {
@@ -877,8 +932,45 @@ impl<'a> Planner<'a> {
                 vec![]
             }
             "Replacing" => {
-                // The member already carries its new id, recorded before any delete; the
-                // deletes carry the old objects' uids, so repeating them is harmless.
+                // The member carries its new id from the start (recorded before any
+                // delete), but in state Replacing its configuration is withheld: no pod
+                // starts as the new id while the old volume exists.
+                if m.state == MemberState::Replacing {
+                    let old_volume = op.old_volume_uid.as_deref().and_then(|uid| {
+                        self.obs.kube.volumes.get(&ordinal).filter(|v| v.uid == uid)
+                    });
+                    let old_pod = op
+                        .old_pod_uid
+                        .as_deref()
+                        .and_then(|uid| self.obs.kube.pods.get(&ordinal).filter(|p| p.uid == uid));
+                    if old_volume.is_none() && old_pod.is_none() {
+                        self.st.members[i].state = MemberState::Pending;
+                        self.op_mut().message = format!(
+                            "the old pod and volume are gone; starting node {}",
+                            m.node_id
+                        );
+                        return vec![];
+                    }
+                    self.op_mut().message = "deleting the old pod and volume".into();
+                    let mut steps = Vec::new();
+                    if let Some(v) = old_volume {
+                        steps.push(Step::DeleteVolume {
+                            ordinal,
+                            uid: v.uid.clone(),
+                        });
+                    }
+                    // Any pod there uses the old volume or has no configuration: none is
+                    // a live node. The volume goes once no pod holds it.
+                    if let Some(p) = self.obs.kube.pods.get(&ordinal).filter(|p| !p.terminating) {
+                        if old_volume.is_some() || old_pod.is_some() {
+                            steps.push(Step::DeletePod {
+                                ordinal,
+                                uid: p.uid.clone(),
+                            });
+                        }
+                    }
+                    return steps;
+                }
                 if m.state == MemberState::Active {
                     if op.replaced_node.is_some()
                         && registry.is_some_and(|r| r != NodeState::Removed)
@@ -894,30 +986,7 @@ impl<'a> Planner<'a> {
                     return vec![];
                 }
                 self.op_mut().message = format!("waiting for node {} to register", m.node_id);
-                let mut steps = Vec::new();
-                if let Some(uid) = op.old_volume_uid.clone() {
-                    if self
-                        .obs
-                        .kube
-                        .volumes
-                        .get(&ordinal)
-                        .is_some_and(|v| v.uid == uid)
-                    {
-                        steps.push(Step::DeleteVolume { ordinal, uid });
-                    }
-                }
-                if let Some(uid) = op.old_pod_uid.clone() {
-                    if self
-                        .obs
-                        .kube
-                        .pods
-                        .get(&ordinal)
-                        .is_some_and(|p| p.uid == uid && !p.terminating)
-                    {
-                        steps.push(Step::DeletePod { ordinal, uid });
-                    }
-                }
-                steps
+                vec![]
             }
             other => {
                 self.warn(
@@ -948,15 +1017,16 @@ impl<'a> Planner<'a> {
                     .is_some_and(|v| v.volume_gone))
     }
 
-    /// Gives member `i` a new node id and records the old pod's and volume's uids, in the
-    /// operation, before anything is deleted.
+    /// Gives member `i` a new node id (its configuration withheld until the old volume is
+    /// gone) and records the old pod's and volume's uids, in the operation, before
+    /// anything is deleted.
     fn begin_replacement(&mut self, i: usize) {
         let new_id = self.st.next_node_id;
         self.st.next_node_id += 1;
         let ordinal = self.st.members[i].ordinal;
         let old_id = self.st.members[i].node_id;
         self.st.members[i].node_id = new_id;
-        self.st.members[i].state = MemberState::Pending;
+        self.st.members[i].state = MemberState::Replacing;
         self.st.members[i].down_since = None;
         let old_pod_uid = self.obs.kube.pods.get(&ordinal).map(|p| p.uid.clone());
         let old_volume_uid = self.obs.kube.volumes.get(&ordinal).map(|v| v.uid.clone());
@@ -1189,16 +1259,6 @@ impl<'a> Planner<'a> {
     }
 
     fn continue_rollout(&mut self, c: &ClusterView, op: &Operation) -> Vec<Step> {
-        let Some(&ordinal) = op.targets.first() else {
-            self.st.current_version = Some(self.obs.spec.version.clone());
-            self.finish(format!("every pod runs version {}", self.obs.spec.version));
-            return vec![];
-        };
-        let Some(node) = self.node_of(ordinal) else {
-            self.next_rollout_target();
-            return vec![];
-        };
-        let registry = c.nodes.get(&node).map(|n| n.state);
         let update_revision = self
             .obs
             .kube
@@ -1206,29 +1266,67 @@ impl<'a> Planner<'a> {
             .as_ref()
             .map(|s| s.update_revision.clone())
             .unwrap_or_default();
+        if op
+            .revision
+            .as_deref()
+            .is_some_and(|r| !update_revision.is_empty() && r != update_revision)
+        {
+            // A newer template mid-rollout: the partition closes and the rollout starts
+            // over from the highest ordinal, so no pod is replaced without the gate.
+            return self.end_rollout(
+                c,
+                op,
+                "a newer revision appeared: the rollout starts over from the highest ordinal"
+                    .into(),
+            );
+        }
+        let target = op.targets.first().and_then(|o| self.node_of(*o));
+        // A mark left on an earlier target (its clearing step was lost) goes first.
+        for (id, n) in &c.nodes {
+            if n.state == NodeState::Maintenance && Some(*id) != target {
+                return vec![Step::SetNodeState {
+                    node: *id,
+                    state: NodeState::Active,
+                }];
+            }
+        }
+        let Some(&ordinal) = op.targets.first() else {
+            self.st.current_version = Some(self.obs.spec.version.clone());
+            self.finish(format!("every pod runs version {}", self.obs.spec.version));
+            return vec![];
+        };
+        let Some(node) = target else {
+            self.next_rollout_target();
+            return vec![];
+        };
+        let registry = c.nodes.get(&node).map(|n| n.state);
         let pod = self.obs.kube.pods.get(&ordinal);
+        let restarted = pod.is_some_and(|p| p.revision == update_revision);
+        // Until the pod's restart begins nothing is lost by stepping back: a node that
+        // needs a failover goes first, and a node down since the gate holds the restart.
+        let untouched = op.phase != "Restarting"
+            || pod.is_some_and(|p| !restarted && !p.terminating && p.ready);
+        if untouched {
+            if self.failover_due() {
+                return self.end_rollout(
+                    c,
+                    op,
+                    "rollout paused: a failover goes first; it resumes afterwards".into(),
+                );
+            }
+            if let Some(why) = self.rollout_blocked(c, ordinal) {
+                if op.phase != "Gate" {
+                    self.set_phase("Gate");
+                    // Pods above this one are updated already; this one is held.
+                    self.st.partition = Some(ordinal + 1);
+                }
+                self.op_mut().message = why.clone();
+                self.degrade("RolloutBlocked", why);
+                return vec![];
+            }
+        }
         match op.phase.as_str() {
             "Gate" => {
-                // Nothing of this pod's restart has happened yet: a node that needs a
-                // failover goes first.
-                if self.failover_due() {
-                    self.finish(
-                        "rollout paused: a failover goes first; it resumes afterwards".into(),
-                    );
-                    return vec![];
-                }
-                let unhealthy = !c.under_replicated().is_empty()
-                    || self.st.members.iter().any(|m| {
-                        m.state == MemberState::Active && m.ordinal != ordinal && !m.ready
-                    });
-                if unhealthy && !self.obs.spec.upgrade.force {
-                    let why = "rollout waits: a group is under-replicated or another node is not \
-                               Ready (set spec.upgrade.force to go on anyway)"
-                        .to_string();
-                    self.op_mut().message = why.clone();
-                    self.degrade("RolloutBlocked", why);
-                    return vec![];
-                }
                 self.set_phase("MovingLeaders");
                 self.op_mut().message = String::new();
                 if registry == Some(NodeState::Active) {
@@ -1262,23 +1360,26 @@ impl<'a> Planner<'a> {
             }
             "Restarting" => {
                 self.st.partition = Some(ordinal);
-                let done = pod.is_some_and(|p| p.revision == update_revision && p.ready)
+                let done = restarted
+                    && pod.is_some_and(|p| p.ready)
                     && c.nodes.get(&node).is_some_and(|n| n.ready && n.reachable);
                 if !done {
                     self.op_mut().message =
                         format!("waiting for pod {ordinal} to restart and catch up");
                     return vec![];
                 }
-                self.op_mut().done += 1;
-                self.op_mut().message = String::new();
-                self.next_rollout_target();
-                // The mark is cleared as soon as the pod is back, before the next one.
+                // The mark is cleared as soon as the pod is back, before the next one; the
+                // pod stays the target until the registry shows it cleared.
                 if registry == Some(NodeState::Maintenance) {
+                    self.op_mut().message = format!("clearing node {node}'s maintenance mark");
                     return vec![Step::SetNodeState {
                         node,
                         state: NodeState::Active,
                     }];
                 }
+                self.op_mut().done += 1;
+                self.op_mut().message = String::new();
+                self.next_rollout_target();
                 vec![]
             }
             other => {
@@ -1290,6 +1391,49 @@ impl<'a> Planner<'a> {
                 vec![]
             }
         }
+    }
+
+    /// Why the rollout may not restart pod `ordinal` now (None when it may, or forced).
+    fn rollout_blocked(&self, c: &ClusterView, ordinal: i32) -> Option<String> {
+        if self.obs.spec.upgrade.force {
+            return None;
+        }
+        let under = c.under_replicated();
+        let not_ready: Vec<i32> = self
+            .st
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Active && m.ordinal != ordinal && !m.ready)
+            .map(|m| m.ordinal)
+            .collect();
+        if under.is_empty() && not_ready.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "rollout waits before pod {ordinal}: {} under-replicated groups, pods {not_ready:?} \
+             not Ready (set spec.upgrade.force to go on anyway)",
+            under.len()
+        ))
+    }
+
+    /// Ends a rollout early: the partition closes at once; the target's maintenance mark
+    /// is cleared first (the operation stays until the registry shows it).
+    fn end_rollout(&mut self, c: &ClusterView, op: &Operation, note: String) -> Vec<Step> {
+        self.st.partition = None;
+        let target = op.targets.first().and_then(|o| self.node_of(*o));
+        if let Some(node) = target.filter(|n| {
+            c.nodes
+                .get(n)
+                .is_some_and(|v| v.state == NodeState::Maintenance)
+        }) {
+            self.op_mut().message = format!("clearing node {node}'s maintenance mark");
+            return vec![Step::SetNodeState {
+                node,
+                state: NodeState::Active,
+            }];
+        }
+        self.finish(note);
+        vec![]
     }
 
     /// A live, active voter of `gid` other than `from` whose pod already runs the newest
@@ -1434,13 +1578,10 @@ impl<'a> Planner<'a> {
                     == MemberState::Pending
                     && !c.nodes.contains_key(&node)
                 {
-                    // Never registered: nothing to drain.
+                    // Never registered: nothing to drain; its pod and volume go.
                     let i = self.member_index(target).expect("member");
-                    self.st.members.remove(i);
-                    self.notice(
-                        "ScaleInFinished",
-                        format!("pod {target} removed before it registered"),
-                    );
+                    self.st.members[i].state = MemberState::Removed;
+                    self.start(OperationType::ScaleIn, "DeletingVolume", vec![target], 1);
                     return vec![];
                 }
                 self.start(
@@ -1502,6 +1643,7 @@ impl<'a> Planner<'a> {
             if !stale.is_empty() {
                 let total = stale.len() as u32;
                 self.start(OperationType::RollingUpgrade, "Gate", stale, total);
+                self.op_mut().revision = Some(sts.update_revision.clone());
                 return vec![];
             }
             if self.st.current_version.as_deref() != Some(spec.version.as_str()) {
@@ -1596,7 +1738,7 @@ impl<'a> Planner<'a> {
         } else {
             progressing
         };
-        let degraded = match self.degraded.first() {
+        let degraded = match self.degraded.first().or(self.symptoms.first()) {
             Some((r, m)) => ("True", r.clone(), m.clone()),
             None => ("False", "AsExpected".into(), "nothing is degraded".into()),
         };

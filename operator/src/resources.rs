@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::ParleyCluster;
+use crate::crd::{MemberState, ParleyCluster};
 use crate::planner;
 
 /// Ports every node listens on inside its pod.
@@ -116,9 +116,12 @@ pub fn config_map(pc: &ParleyCluster) -> ConfigMap {
     let join: Vec<String> = (0..3)
         .map(|o| format!("\"{}\"", pod_address(pc, o)))
         .collect();
+    // A member being replaced gets no entry until its old volume is gone: no pod may
+    // start as its new id on the old node's data.
     let data = status
         .members
         .iter()
+        .filter(|m| m.state != MemberState::Replacing)
         .map(|m| {
             let host = pod_host(pc, m.ordinal);
             let toml = format!(
@@ -209,6 +212,43 @@ pub fn pdb(pc: &ParleyCluster) -> PodDisruptionBudget {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// Annotation on the StatefulSet: a digest of the pod template it was applied with.
+pub const TEMPLATE_HASH: &str = "parley.io/template-hash";
+
+/// A stable digest of a pod template (SHA-256 of its JSON, 16 hex digits).
+pub fn template_hash(template: &PodTemplateSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let json = serde_json::to_vec(template).unwrap_or_default();
+    Sha256::digest(&json)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Closes the rolling-update partition (no pod is replaced) when the StatefulSet is
+/// applied with a pod template other than the live one's: a template change never
+/// reaches pods in the same apply as an open partition. The rollout that follows opens
+/// it pod by pod, behind its health gate.
+pub fn hold_partition_on_template_change(sts: &mut StatefulSet, live_hash: Option<&str>) {
+    let changed = sts
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TEMPLATE_HASH))
+        .is_some_and(|h| live_hash != Some(h.as_str()));
+    if let Some(spec) = sts.spec.as_mut().filter(|_| changed) {
+        let pods = spec.replicas.unwrap_or(0);
+        if let Some(ru) = spec
+            .update_strategy
+            .as_mut()
+            .and_then(|u| u.rolling_update.as_mut())
+        {
+            ru.partition = Some(pods);
+        }
     }
 }
 
@@ -340,8 +380,21 @@ pub fn statefulset(pc: &ParleyCluster) -> StatefulSet {
         }),
         ..Default::default()
     };
+    let template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: (!overrides.annotations.is_empty()).then(|| overrides.annotations.clone()),
+            ..Default::default()
+        }),
+        spec: Some(pod),
+    };
+    let mut metadata = meta(pc, &n.statefulset);
+    metadata.annotations = Some(BTreeMap::from([(
+        TEMPLATE_HASH.to_string(),
+        template_hash(&template),
+    )]));
     StatefulSet {
-        metadata: meta(pc, &n.statefulset),
+        metadata,
         spec: Some(StatefulSetSpec {
             replicas: Some(planner::desired_pods(&status)),
             service_name: Some(n.peers.clone()),
@@ -364,15 +417,7 @@ pub fn statefulset(pc: &ParleyCluster) -> StatefulSet {
                     when_scaled: Some("Retain".into()),
                 },
             ),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: (!overrides.annotations.is_empty())
-                        .then(|| overrides.annotations.clone()),
-                    ..Default::default()
-                }),
-                spec: Some(pod),
-            },
+            template,
             volume_claim_templates: Some(vec![claim]),
             ..Default::default()
         }),

@@ -450,9 +450,11 @@ async fn failover_re_replicates_then_replaces_pod_and_volume_with_their_uids() {
             .operation
             .as_ref()
             .is_some_and(|o| o.phase == "Replacing")
+            && st.members[1].state == MemberState::Pending
             && h.store.lock().expect("lock").get(PODS, "chat-1").is_none()
         {
-            // The StatefulSet controller recreates the pod; it registers as the new id.
+            // The old pod and volume are gone and the pod's configuration names the new
+            // id: the recreated pod registers as it.
             let new_id = st.members[1].node_id;
             h.put_pod(1, true, "rev-1", "k8s-9");
             h.answer(1, new_id);
@@ -478,14 +480,31 @@ async fn failover_re_replicates_then_replaces_pod_and_volume_with_their_uids() {
         .iter()
         .position(|s| s == "DELETE pods/chat-1")
         .expect("pod deleted");
-    // The new id is in status and in the pod's config before anything is deleted.
+    // The new id is reserved in status before anything is deleted, while the pod's
+    // configuration is withheld; it names the new id only once the old pod and volume
+    // are gone, so the new id never starts on the old node's data.
+    let status_with_new_id = all.iter().position(|m| {
+        m.summary() == "PATCH parleyclusters/chat/status"
+            && m.body["status"]["members"][1]["nodeId"] == 5
+            && m.body["status"]["members"][1]["state"] == "Replacing"
+    });
+    assert!(
+        status_with_new_id.is_some_and(|c| c < pvc_del && c < pod_del),
+        "{summaries:#?}"
+    );
+    let config_withheld = all.iter().position(|m| {
+        m.summary() == "PATCH configmaps/chat-config"
+            && m.body["data"]["chat-0.toml"].is_string()
+            && m.body["data"]["chat-1.toml"].is_null()
+    });
+    assert!(config_withheld.is_some_and(|c| c < pvc_del && c < pod_del));
     let config_with_new_id = all.iter().position(|m| {
         m.summary() == "PATCH configmaps/chat-config"
             && m.body["data"]["chat-1.toml"]
                 .as_str()
                 .is_some_and(|t| t.contains("node_id = 5"))
     });
-    assert!(config_with_new_id.is_some_and(|c| c < pvc_del && c < pod_del));
+    assert!(config_with_new_id.is_some_and(|c| c > pvc_del && c > pod_del));
     for i in [pvc_del, pod_del] {
         assert!(all[i].body["preconditions"]["uid"].as_str().is_some());
     }

@@ -264,6 +264,7 @@ impl World {
                 replicas: self.replicas,
                 partition: self.partition,
                 update_revision: self.update_revision.clone(),
+                template_hash: None,
             }),
             pods,
             volumes,

@@ -230,21 +230,35 @@ impl Sim {
             );
             self.starting.insert(name.clone());
             // The node process starts with the id its ConfigMap entry gives.
-            let id = config["data"][format!("chat-{o}.toml")]
+            let addr = resources::pod_address(pc, o);
+            let mut answering = self.cluster.answering.lock().expect("lock");
+            match configured_id(&config, o) {
+                Some(id) => answering.insert(addr, id),
+                // No entry: the process does not start (nothing answers there).
+                None => answering.remove(&addr),
+            };
+        }
+        // A pod that found no ConfigMap entry (its member is being replaced) restarts
+        // until the entry appears, then runs as the id it names.
+        let hosts: BTreeSet<String> = self.hosts.iter().cloned().collect();
+        for p in s.list(PODS) {
+            let name = p["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let Some(o) = resources::ordinal_of(&name, "chat") else {
+                continue;
+            };
+            let addr = resources::pod_address(pc, o);
+            let on_live_host = p["spec"]["nodeName"]
                 .as_str()
-                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("node_id = ")))
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if let Some(id) = id {
-                let addr = resources::pod_address(pc, o);
-                self.cluster
-                    .answering
-                    .lock()
-                    .expect("lock")
-                    .insert(addr, id);
+                .is_some_and(|h| hosts.contains(h));
+            let mut answering = self.cluster.answering.lock().expect("lock");
+            if on_live_host && !answering.contains_key(&addr) && !self.starting.contains(&name) {
+                if let Some(id) = configured_id(&config, o) {
+                    answering.insert(addr, id);
+                    self.starting.insert(name);
+                }
             }
         }
         // Kubelets: started pods become Ready; pods on lost hosts never run.
-        let hosts: BTreeSet<String> = self.hosts.iter().cloned().collect();
         for mut p in s.list(PODS) {
             let name = p["metadata"]["name"].as_str().unwrap_or("").to_string();
             let on_live_host = p["spec"]["nodeName"]
@@ -534,4 +548,12 @@ async fn seeded_runs_keep_invariants_and_converge_once_faults_stop() {
         started.elapsed().as_secs_f64()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// The node id the ConfigMap gives pod `ordinal`, if it has an entry.
+fn configured_id(config: &Value, ordinal: i32) -> Option<u64> {
+    config["data"][format!("chat-{ordinal}.toml")]
+        .as_str()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("node_id = ")))
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
