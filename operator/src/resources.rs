@@ -463,3 +463,85 @@ pub fn ordinal_of(name: &str, statefulset: &str) -> Option<i32> {
         .parse()
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ParleyClusterSpec, ParleyClusterStatus};
+
+    fn cluster(partition: Option<i32>, version: &str) -> ParleyCluster {
+        let mut spec: ParleyClusterSpec = serde_yaml::from_str(
+            "nodes: 3\nimage: parley-node\nversion: \"1.0\"\nstorage: {size: 10Gi}\n\
+             secrets: {tokenSigningKey: {name: k, key: token.pem}}\n",
+        )
+        .expect("spec parses");
+        spec.version = version.into();
+        let mut pc = ParleyCluster::new("chat", spec);
+        pc.metadata.namespace = Some("default".into());
+        pc.metadata.uid = Some("uid-1".into());
+        let members = (0..3)
+            .map(|o| crate::crd::MemberStatus {
+                ordinal: o,
+                node_id: o as u64 + 1,
+                state: MemberState::Active,
+                ready: true,
+                replicas: 0,
+                leaders: 0,
+                down_since: None,
+            })
+            .collect();
+        pc.status = Some(ParleyClusterStatus {
+            members,
+            partition,
+            ..Default::default()
+        });
+        pc
+    }
+
+    fn partition_of(sts: &StatefulSet) -> Option<i32> {
+        sts.spec
+            .as_ref()?
+            .update_strategy
+            .as_ref()?
+            .rolling_update
+            .as_ref()?
+            .partition
+    }
+
+    fn hash_of(sts: &StatefulSet) -> String {
+        sts.metadata.annotations.as_ref().expect("annotated")[TEMPLATE_HASH].clone()
+    }
+
+    #[test]
+    fn a_changed_template_is_applied_with_the_partition_closed() {
+        // Mid-rollout: pod 2 is being restarted, the partition is open down to it.
+        let live = statefulset(&cluster(Some(2), "1.1"));
+        let live_hash = hash_of(&live);
+        // Same template: the partition the ledger asks for.
+        let mut same = statefulset(&cluster(Some(2), "1.1"));
+        hold_partition_on_template_change(&mut same, Some(&live_hash));
+        assert_eq!(partition_of(&same), Some(2));
+        // A newer version: the template changes, so the partition closes at the size.
+        let mut newer = statefulset(&cluster(Some(2), "1.2"));
+        assert_ne!(hash_of(&newer), live_hash);
+        hold_partition_on_template_change(&mut newer, Some(&live_hash));
+        assert_eq!(partition_of(&newer), Some(3));
+        // A live StatefulSet without the annotation (an older operator) counts as changed.
+        let mut unknown = statefulset(&cluster(Some(2), "1.1"));
+        hold_partition_on_template_change(&mut unknown, None);
+        assert_eq!(partition_of(&unknown), Some(3));
+    }
+
+    #[test]
+    fn a_member_being_replaced_gets_no_configuration() {
+        let mut pc = cluster(None, "1.1");
+        if let Some(st) = pc.status.as_mut() {
+            st.members[1].state = MemberState::Replacing;
+            st.members[1].node_id = 9;
+        }
+        let data = config_map(&pc).data.expect("data");
+        assert!(data.contains_key("chat-0.toml"));
+        assert!(!data.contains_key("chat-1.toml"), "{data:?}");
+        assert!(!data.values().any(|t| t.contains("node_id = 9")));
+    }
+}
