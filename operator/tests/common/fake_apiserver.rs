@@ -120,7 +120,7 @@ impl Store {
 pub type SharedStore = Arc<Mutex<Store>>;
 
 /// Collections whose last path segment is a name, by their plural.
-const PLURALS: [&str; 10] = [
+const PLURALS: [&str; 11] = [
     "parleyclusters",
     "statefulsets",
     "pods",
@@ -131,6 +131,7 @@ const PLURALS: [&str; 10] = [
     "events",
     "nodes",
     "persistentvolumes",
+    "leases",
 ];
 
 /// Splits a path into (collection, name, subresource).
@@ -300,11 +301,41 @@ pub fn answer(store: &SharedStore, req: Request<Vec<u8>>) -> Response<Body> {
             s.remove(&collection, &name);
             respond(StatusCode::OK, &existing)
         }
+        ("PUT", Some(name)) => {
+            // Replace with optimistic concurrency: the resourceVersion sent must be the
+            // stored one, as on a real API server.
+            let Some(existing) = s.get(&collection, &name).cloned() else {
+                return respond(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", &format!("{name} not found")),
+                );
+            };
+            let sent = body["metadata"]["resourceVersion"].as_str();
+            if sent.is_some() && sent != existing["metadata"]["resourceVersion"].as_str() {
+                return respond(
+                    StatusCode::CONFLICT,
+                    &status(
+                        409,
+                        "Conflict",
+                        "the object has been modified; apply your changes to the latest version",
+                    ),
+                );
+            }
+            s.put(&collection, &name, body.clone());
+            let out = s.get(&collection, &name).cloned().unwrap_or(Value::Null);
+            respond(StatusCode::OK, &out)
+        }
         ("POST", None) => {
             let name = body["metadata"]["name"]
                 .as_str()
                 .map(String::from)
                 .unwrap_or_else(|| s.uid());
+            if s.get(&collection, &name).is_some() {
+                return respond(
+                    StatusCode::CONFLICT,
+                    &status(409, "AlreadyExists", &format!("{name} already exists")),
+                );
+            }
             s.put(&collection, &name, body.clone());
             let out = s.get(&collection, &name).cloned().unwrap_or(Value::Null);
             respond(StatusCode::CREATED, &out)
