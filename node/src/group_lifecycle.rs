@@ -310,7 +310,11 @@ impl GroupLifecycle {
         metrics.placement_epoch.set(placement.epoch as i64);
         metrics.rocksdb_size_bytes.set(engine.size_bytes() as i64);
         // Disk space floor; fault injection may also have set the flag.
+        if let Ok(total) = fs4::total_space(engine.dir()) {
+            metrics.disk_capacity_bytes.set(total as i64);
+        }
         if let Ok(free) = fs4::available_space(engine.dir()) {
+            metrics.disk_available_bytes.set(free as i64);
             let low = free < self.cluster.config.min_free_disk_bytes;
             if engine.set_disk_low(low) {
                 if low {

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub placement_epoch: IntGauge,
     pub rocksdb_size_bytes: IntGauge,
     pub disk_full: IntGauge,
+    /// Space left and total size of the file system holding the data directory.
+    pub disk_available_bytes: IntGauge,
+    pub disk_capacity_bytes: IntGauge,
     pub wal_sync_seconds: Histogram,
     /// Appends made durable by one WAL fsync.
     pub wal_sync_batch: Histogram,
@@ -101,6 +104,16 @@ impl Metrics {
             disk_full: IntGauge::new(
                 "parley_disk_full",
                 "Whether writes are refused for lack of disk space (0 or 1)",
+            )
+            .expect("valid metric"),
+            disk_available_bytes: IntGauge::new(
+                "parley_disk_available_bytes",
+                "Space available to the node on the file system of its data directory",
+            )
+            .expect("valid metric"),
+            disk_capacity_bytes: IntGauge::new(
+                "parley_disk_capacity_bytes",
+                "Size of the file system holding the node's data directory",
             )
             .expect("valid metric"),
             wal_sync_seconds: Histogram::with_opts(
@@ -191,6 +204,8 @@ impl Metrics {
             Box::new(m.placement_epoch.clone()),
             Box::new(m.rocksdb_size_bytes.clone()),
             Box::new(m.disk_full.clone()),
+            Box::new(m.disk_available_bytes.clone()),
+            Box::new(m.disk_capacity_bytes.clone()),
             Box::new(m.wal_sync_seconds.clone()),
             Box::new(m.wal_sync_batch.clone()),
             Box::new(m.proposal_batch.clone()),
