@@ -138,6 +138,10 @@ impl AdminService {
                 .ready
                 .load(std::sync::atomic::Ordering::Relaxed),
             db_bytes: self.cluster.replicas.engine().size_bytes(),
+            disk_available_bytes: fs4::available_space(self.cluster.replicas.engine().dir())
+                .unwrap_or(0),
+            disk_capacity_bytes: fs4::total_space(self.cluster.replicas.engine().dir())
+                .unwrap_or(0),
         }
     }
 
@@ -298,7 +302,10 @@ impl AdminService {
                         .filter(|g| g.voters.contains(id) || g.learners.contains(id))
                         .count() as u32,
                     leaders: groups.iter().filter(|g| g.leader == *id).count() as u32,
-                    ready: st.map(|s| s.ready).unwrap_or(false),
+                    ready: st.as_ref().is_some_and(|s| s.ready),
+                    db_bytes: st.as_ref().map_or(0, |s| s.db_bytes),
+                    disk_available_bytes: st.as_ref().map_or(0, |s| s.disk_available_bytes),
+                    disk_capacity_bytes: st.as_ref().map_or(0, |s| s.disk_capacity_bytes),
                 }
             })
             .collect();

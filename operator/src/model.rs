@@ -117,6 +117,16 @@ pub struct NodeView {
     /// Caught up with every group it hosts.
     pub ready: bool,
     pub zone: String,
+    /// What the node reported of its storage; `None` when it did not say.
+    pub disk: Option<DiskView>,
+}
+
+/// A node's data size and the file system holding it, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskView {
+    pub data: u64,
+    pub available: u64,
+    pub capacity: u64,
 }
 
 /// One Raft group: voters (the first is the preferred leader), learners, current leader.

@@ -14,7 +14,7 @@ use parley_proto::node::v1::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use crate::model::{ClusterView, GroupView, NodeId, NodeState, NodeView};
+use crate::model::{ClusterView, DiskView, GroupView, NodeId, NodeState, NodeView};
 use crate::planner::Step;
 
 /// What the controller needs from the cluster: the nodes' admin API in production, an
@@ -306,6 +306,11 @@ pub fn convert(
                 reachable: n.reachable,
                 ready: n.ready,
                 zone: addr.zone.clone(),
+                disk: (n.disk_capacity_bytes > 0).then_some(DiskView {
+                    data: n.db_bytes,
+                    available: n.disk_available_bytes,
+                    capacity: n.disk_capacity_bytes,
+                }),
             },
         );
     }

@@ -8,7 +8,8 @@
 //! - No step takes a group below quorum: a replica is added (learner, catch up, promote)
 //!   before one is removed, and nothing touches a cluster where a group has no leader.
 //! - The desired size comes only from the spec; the StatefulSet shrinks only after the
-//!   node was drained and removed from membership.
+//!   node was drained and removed from membership, and a drain starts only when no node
+//!   is down, no group is under-replicated and the other nodes have room for its data.
 //! - Node ids are never reused; a replaced node gets a new one.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -1564,6 +1565,16 @@ impl<'a> Planner<'a> {
             {
                 blocked.push("a failed-over pod awaits replacement".into());
             }
+            let leaving = self
+                .st
+                .members
+                .iter()
+                .filter(|m| m.state != MemberState::Removed)
+                .max_by_key(|m| m.ordinal)
+                .map(|m| m.node_id);
+            if let Some(why) = leaving.and_then(|n| self.no_room_to_drain(c, n)) {
+                blocked.push(why);
+            }
             if blocked.is_empty() {
                 let target = self
                     .st
@@ -1663,6 +1674,32 @@ impl<'a> Planner<'a> {
             }
         }
         vec![]
+    }
+
+    /// Why the other active nodes cannot take `node`'s data (`None` when they can, or
+    /// when a node does not report its storage and nobody can tell): the data, with
+    /// half again as margin for compactions and snapshot transfers, must fit in what
+    /// they have free above a tenth of each volume.
+    fn no_room_to_drain(&self, c: &ClusterView, node: NodeId) -> Option<String> {
+        let need = c.nodes.get(&node)?.disk?.data;
+        let mut room: u64 = 0;
+        for (id, n) in &c.nodes {
+            if *id == node || n.state != NodeState::Active || !n.reachable {
+                continue;
+            }
+            let d = n.disk?;
+            room = room.saturating_add(d.available.saturating_sub(d.capacity / 10));
+        }
+        let wanted = need.saturating_add(need / 2);
+        (wanted > room).then(|| {
+            format!(
+                "not enough room: node {node} holds {} MiB, the other nodes can take {} MiB \
+                 (keeping a tenth of each volume free, with half again as margin); grow \
+                 spec.storage.size first",
+                need >> 20,
+                room >> 20
+            )
+        })
     }
 
     /// Replica moves needed to bring every active node within one of the mean.

@@ -29,8 +29,8 @@ use parley_operator::crd::{
     ParleyClusterStatus,
 };
 use parley_operator::model::{
-    ClusterView, KubeView, NodeId, NodeState, Observed, PodView, StatefulSetView, VolumeView,
-    METADATA_GROUP,
+    ClusterView, DiskView, KubeView, NodeId, NodeState, Observed, PodView, StatefulSetView,
+    VolumeView, METADATA_GROUP,
 };
 use parley_operator::planner::{self, Plan, Step};
 use proptest::prelude::*;
@@ -2273,4 +2273,35 @@ fn a_host_lost_twice_converges() {
         ],
     };
     run_scenario(&sc).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Scale-in pre-check: the nodes that stay must have room for the drained node's data
+/// (with a margin, keeping a tenth of each volume free); until they do, nothing is
+/// drained and Degraded says why.
+#[test]
+fn scale_in_waits_until_the_other_nodes_have_room() {
+    const GIB: u64 = 1 << 30;
+    fn disks(w: &mut World, available: u64) {
+        for n in w.cluster.as_mut().expect("bootstrapped").nodes.values_mut() {
+            n.disk = Some(DiskView {
+                data: 6 * GIB,
+                available,
+                capacity: 10 * GIB,
+            });
+        }
+    }
+    let mut w = World::running(4, 8, false);
+    // Three nodes with 3 GiB free each can take 6 GiB above the floor: not 6 GiB + half.
+    disks(&mut w, 3 * GIB);
+    w.set_nodes(3);
+    w.run(10).expect("passes");
+    assert_eq!(w.started(OperationType::ScaleIn), 0);
+    assert_eq!(planner::desired_pods(&w.status), 4);
+    let degraded = condition(&w.status, "Degraded");
+    assert_eq!(degraded.reason, "ScaleInBlocked", "{degraded:?}");
+    assert!(degraded.message.contains("not enough room"), "{degraded:?}");
+    // The volumes grew: 12 GiB of room for 9 GiB wanted.
+    disks(&mut w, 5 * GIB);
+    w.settle_or_panic();
+    assert_eq!(w.status.members.len(), 3);
 }

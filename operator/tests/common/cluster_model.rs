@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use parley_operator::model::{
-    ClusterView, GroupId, GroupView, NodeId, NodeState, NodeView, METADATA_GROUP,
+    ClusterView, DiskView, GroupId, GroupView, NodeId, NodeState, NodeView, METADATA_GROUP,
 };
 use parley_operator::planner::Step;
 
@@ -19,6 +19,8 @@ pub struct NodeModel {
     pub state: NodeState,
     pub up: bool,
     pub zone: String,
+    /// Storage the node reports (none by default: the planner cannot tell).
+    pub disk: Option<DiskView>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -48,6 +50,7 @@ impl ClusterModel {
                     state: NodeState::Active,
                     up: true,
                     zone: zones.get(i).map(|z| z.to_string()).unwrap_or_default(),
+                    disk: None,
                 },
             );
         }
@@ -84,6 +87,7 @@ impl ClusterModel {
                         state: NodeState::Active,
                         up: true,
                         zone: zone.into(),
+                        disk: None,
                     },
                 );
                 Ok(())
@@ -159,6 +163,7 @@ impl ClusterModel {
                             reachable: n.up,
                             ready: n.up,
                             zone: n.zone.clone(),
+                            disk: n.disk,
                         },
                     )
                 })
