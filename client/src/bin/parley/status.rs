@@ -127,6 +127,7 @@ mod tests {
                 replicas: 9,
                 leaders: 3,
                 ready: true,
+                ..Default::default()
             }],
             groups: vec![ClusterGroup {
                 group_id: 1,
