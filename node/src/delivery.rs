@@ -22,7 +22,7 @@ use parley_proto::node::v1::delivery_client::DeliveryClient;
 use parley_proto::node::v1::delivery_server::Delivery as DeliveryRpc;
 use parley_proto::node::v1::{ProbeReply, ProbeRequest, PushReply, PushRequest};
 use parley_proto::v1::{event, Event};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::Cluster;
@@ -78,7 +78,7 @@ impl Closer {
 struct SessionHandle {
     id: u64,
     device: String,
-    mailbox: mpsc::Sender<Mail>,
+    mailbox: flume::Sender<Mail>,
     closer: Arc<Closer>,
 }
 
@@ -125,7 +125,7 @@ impl Delivery {
         self: &Arc<Self>,
         user: &str,
         device: &str,
-        mailbox: mpsc::Sender<Mail>,
+        mailbox: flume::Sender<Mail>,
         closer: Arc<Closer>,
     ) -> SessionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -172,11 +172,11 @@ impl Delivery {
         for h in list.iter().filter(|h| h.device != except_device) {
             match h.mailbox.try_send(Mail::Events(events.to_vec())) {
                 Ok(()) => n += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(flume::TrySendError::Full(_)) => {
                     self.cluster.metrics.slow_consumers_total.inc();
                     h.closer.close(CloseReason::SlowConsumer);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(flume::TrySendError::Disconnected(_)) => {}
             }
         }
         n

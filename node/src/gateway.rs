@@ -8,6 +8,7 @@
 //! so views that briefly disagree cannot bounce a connection around). The protocol is
 //! in docs/protocol.md.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,10 +17,11 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use parley_proto::v1::{
     client_frame, reply, server_frame, ClientFrame, ErrorCode, Reply, ServerFrame,
 };
+use prometheus::IntGauge;
 use prost::Message as _;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite;
@@ -99,11 +101,32 @@ async fn upgrade(
         .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let kind = if proxied { "proxied_in" } else { "direct" };
-            let gauge = gw.metrics.connections.with_label_values(&[kind]);
-            gauge.inc();
-            serve(gw, socket, proxied).await;
-            gauge.dec();
+            let counted = Counted::new(gw.metrics.connections.with_label_values(&[kind]));
+            serve(gw, socket, proxied, counted).await;
         })
+}
+
+/// Counts a connection in `parley_connections` for as long as it is held, whichever task
+/// holds it.
+struct Counted(IntGauge);
+
+impl Counted {
+    fn new(gauge: IntGauge) -> Counted {
+        gauge.inc();
+        Counted(gauge)
+    }
+
+    /// Runs `work` as a task of its own that keeps the connection counted. (A combinator,
+    /// not an `async` block: a block that moves `work` would hold it twice.)
+    fn spawn(self, work: impl Future<Output = ()> + Send + 'static) {
+        tokio::spawn(work.map(move |()| drop(self)));
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A reply frame.
@@ -157,7 +180,7 @@ impl Gateway {
 }
 
 /// The unauthenticated part of a connection, then a session here or a relay to the home.
-async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, proxied: bool) {
+async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, proxied: bool, counted: Counted) {
     let deadline = tokio::time::Instant::now() + AUTH_DEADLINE;
     let mut shutdown = gw.shutdown.clone();
     loop {
@@ -226,10 +249,13 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, proxied: bool) {
                         user: claims.sub,
                         device: claims.dev,
                     };
+                    // The session or relay runs as a task of its own and this one ends:
+                    // an idle connection then holds only the state of the path it took,
+                    // not the upgrade's and the handshake's as well.
                     if !proxied {
-                        relay_if_remote(gw, socket, who, id, bytes).await;
+                        Box::pin(relay_if_remote(gw, socket, who, id, bytes, counted)).await;
                     } else {
-                        Box::pin(session::run(gw, socket, who, id)).await;
+                        counted.spawn(session::run(gw, socket, who, id));
                     }
                     return;
                 }
@@ -282,18 +308,19 @@ async fn relay_if_remote(
     who: Identity,
     auth_request_id: u64,
     auth_frame: axum::body::Bytes,
+    counted: Counted,
 ) {
     let me = gw.router.node_id();
     for home in gw.router.ranked(&who.user).into_iter().take(3) {
-        // Each path boxes its own future, so that a connection's task holds only the
-        // state of the path it took (a session here, or a relay), not the largest of them.
+        // Each path runs as its own task, so that a connection holds only the state of
+        // the path it took (a session here, or a relay), not the largest of them.
         if home.node == me {
-            Box::pin(session::run(gw, socket, who, auth_request_id)).await;
+            counted.spawn(session::run(gw, socket, who, auth_request_id));
             return;
         }
         match Box::pin(connect_home(&gw, &home.client_addr)).await {
             Ok(upstream) => {
-                Box::pin(relay(gw, socket, upstream, auth_frame)).await;
+                counted.spawn(relay(gw, socket, upstream, auth_frame));
                 return;
             }
             Err(e) => {
@@ -303,7 +330,7 @@ async fn relay_if_remote(
         }
     }
     // Nobody else reachable: serve here rather than refuse.
-    Box::pin(session::run(gw, socket, who, auth_request_id)).await;
+    counted.spawn(session::run(gw, socket, who, auth_request_id));
 }
 
 async fn connect_home(gw: &Gateway, addr: &str) -> Result<HomeSocket, String> {

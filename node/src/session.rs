@@ -23,7 +23,7 @@ use parley_proto::v1::{
     Message, PrivacySet, Receipt, ServerFrame, SyncComplete,
 };
 use prost::Message as _;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::client_error::ClientError;
 use crate::delivery::{CloseReason, Closer, Mail};
@@ -53,8 +53,10 @@ pub struct Identity {
 pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_request_id: u64) {
     let config = &gw.config;
     let (sink, mut stream) = socket.split();
-    let (out_tx, out_rx) = mpsc::channel::<WsMessage>(config.ws_send_queue);
-    let (mail_tx, mail_rx) = mpsc::channel::<Mail>(config.ws_send_queue);
+    // flume's queues allocate as messages arrive, so an idle session's two queues cost a
+    // few hundred bytes (tokio's preallocate a block of 32 slots each).
+    let (out_tx, out_rx) = flume::bounded::<WsMessage>(config.ws_send_queue);
+    let (mail_tx, mail_rx) = flume::bounded::<Mail>(config.ws_send_queue);
     let closer = Arc::new(Closer::default());
     let _guard = gw
         .delivery
@@ -68,7 +70,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_reques
             server_time_ms: now_ms(),
         }),
     );
-    if out_tx.send(authenticated).await.is_err() {
+    if out_tx.send_async(authenticated).await.is_err() {
         return;
     }
     let writer = tokio::spawn(write_loop(
@@ -116,7 +118,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_reques
             WsMessage::Text(_) => {
                 let e = ClientError::new(ErrorCode::MalformedFrame, "text frames are not accepted");
                 gw.count_error(&e);
-                if out_tx.send(error_frame(0, &e)).await.is_err() {
+                if out_tx.send_async(error_frame(0, &e)).await.is_err() {
                     break None;
                 }
                 continue;
@@ -125,7 +127,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_reques
         let frame = match gw.decode(&bytes) {
             Ok(f) => f,
             Err((id, e)) => {
-                if out_tx.send(error_frame(id, &e)).await.is_err() {
+                if out_tx.send_async(error_frame(id, &e)).await.is_err() {
                     break None;
                 }
                 continue;
@@ -154,7 +156,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, who: Identity, auth_reques
                 None => handle(&gw, &who, frame, &mail).await,
             };
             if let Some(answer) = answer {
-                let _ = out.send(answer).await;
+                let _ = out.send_async(answer).await;
             }
         });
     };
@@ -261,16 +263,16 @@ impl Drop for Turn {
 /// Drains the outgoing queue into the socket and pings the client.
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, WsMessage>,
-    mut out: mpsc::Receiver<WsMessage>,
+    out: flume::Receiver<WsMessage>,
     ping_every: Duration,
 ) {
     let mut ping = tokio::time::interval(ping_every);
     ping.tick().await;
     loop {
         let msg = tokio::select! {
-            m = out.recv() => match m {
-                Some(m) => m,
-                None => break,
+            m = out.recv_async() => match m {
+                Ok(m) => m,
+                Err(_) => break,
             },
             _ = ping.tick() => WsMessage::Ping(Default::default()),
         };
@@ -287,7 +289,7 @@ async fn handle(
     gw: &Gateway,
     who: &Identity,
     frame: ClientFrame,
-    mail: &mpsc::Sender<Mail>,
+    mail: &flume::Sender<Mail>,
 ) -> Option<WsMessage> {
     let id = frame.request_id;
     let Some(body) = frame.body else {
@@ -350,7 +352,11 @@ async fn handle(
         })),
         client_frame::Body::Sync(_) => {
             // Serialized with pushes by the delivery task, which answers it.
-            if mail.send(Mail::Sync { request_id: id }).await.is_err() {
+            if mail
+                .send_async(Mail::Sync { request_id: id })
+                .await
+                .is_err()
+            {
                 return None;
             }
             return None;
@@ -369,7 +375,7 @@ async fn handle(
 struct DeliveryTask {
     gw: Arc<Gateway>,
     who: Identity,
-    out: mpsc::Sender<WsMessage>,
+    out: flume::Sender<WsMessage>,
     /// Last seq written (or known delivered) per conversation.
     last_written: HashMap<String, u64>,
 }
@@ -385,8 +391,8 @@ fn event_frame(kind: event::Kind) -> WsMessage {
 }
 
 impl DeliveryTask {
-    async fn run(mut self, mut mail: mpsc::Receiver<Mail>, closer: Arc<Closer>) {
-        while let Some(m) = mail.recv().await {
+    async fn run(mut self, mail: flume::Receiver<Mail>, closer: Arc<Closer>) {
+        while let Ok(m) = mail.recv_async().await {
             // Boxed: the task rests at `recv` for most of a session's life, so its own
             // allocation should not be sized for these (large, transient) futures.
             let outcome = match m {
@@ -405,7 +411,7 @@ impl DeliveryTask {
 
     async fn write(&self, frame: WsMessage) -> Result<(), ClientError> {
         self.out
-            .send(frame)
+            .send_async(frame)
             .await
             .map_err(|_| ClientError::new(ErrorCode::GoingAway, "connection closed"))
     }
