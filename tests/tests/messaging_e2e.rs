@@ -526,12 +526,25 @@ async fn offline_messages_are_stored_and_delivered_in_order_on_reconnect() -> an
         .await?;
     bob_c.close().await;
 
-    // Offline again: only what came meanwhile arrives at the next connection.
+    // Offline again: only what came meanwhile arrives at the next connection. The pushes
+    // to bob's home node run after `Sent`; once they found no session the messages are
+    // counted pending, and the next connection gets them through its sync (a push still in
+    // flight would reach the new session live instead, in order but not counted by sync).
+    eventually(
+        "bob's session gone from the server (only alice's left)",
+        T,
+        || async { Ok(metric_sum(&cluster, "parley_sessions").await? == 1.0) },
+    )
+    .await?;
     for i in N + 5..N + 15 {
         alice_c
             .send_with_id("bob", &format!("o{i}"), format!("{i}").into_bytes())
             .await?;
     }
+    eventually("pending offline gauge counts the ten", T, || async {
+        Ok(metric_sum(&cluster, "parley_pending_offline_messages").await? >= 10.0)
+    })
+    .await?;
     let (bob_c, bob_in) = connect(endpoints_from(&cluster, 2), bob, true).await?;
     assert_eq!(bob_in.wait_sync(1).await?, 10);
     let rest = bob_in.wait_messages(conversation, 10).await?;
