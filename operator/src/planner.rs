@@ -1111,75 +1111,28 @@ impl<'a> Planner<'a> {
                 .map(|id| zone_of(c, *id).to_string())
                 .collect();
             for zone in zones {
-                while steps.len() < max_moves {
-                    let in_zone: Vec<(NodeId, usize)> = counts
-                        .iter()
-                        .filter(|(id, _)| zone_of(c, **id) == zone)
-                        .map(|(id, n)| (*id, *n))
-                        .collect();
-                    let Some(&(hi, hi_n)) = in_zone
-                        .iter()
-                        .max_by_key(|(id, n)| (*n, std::cmp::Reverse(*id)))
-                    else {
-                        break;
-                    };
-                    let Some(&(lo, lo_n)) = in_zone.iter().min_by_key(|(id, n)| (*n, *id)) else {
-                        break;
-                    };
-                    if hi_n <= lo_n + 1 {
-                        break;
-                    }
-                    let candidate = c.all_groups().find(|(gid, g)| {
-                        !touched.contains(gid)
-                            && g.voters.contains(&hi)
-                            && !g.hosts(lo)
-                            && g.voters.len() == RF
-                            && g.learners.is_empty()
-                    });
-                    let Some((gid, _)) = candidate else { break };
-                    touched.insert(gid);
-                    steps.push(Step::AddReplica {
-                        group: gid,
-                        node: lo,
-                    });
-                    *counts.get_mut(&hi).expect("hi is counted") -= 1;
-                    *counts.get_mut(&lo).expect("lo is counted") += 1;
-                }
+                let moves = Moves {
+                    c,
+                    max: max_moves,
+                    zone_check: false,
+                };
+                moves.even_out(
+                    &mut counts,
+                    |id| zone_of(c, id) == zone,
+                    &mut touched,
+                    &mut steps,
+                );
             }
             if !steps.is_empty() {
                 return steps;
             }
         }
-        while steps.len() < max_moves {
-            let Some((&hi, &hi_n)) = counts
-                .iter()
-                .max_by_key(|(id, n)| (**n, std::cmp::Reverse(**id)))
-            else {
-                break;
-            };
-            let Some((&lo, &lo_n)) = counts.iter().min_by_key(|(id, n)| (**n, **id)) else {
-                break;
-            };
-            if hi_n <= lo_n + 1 {
-                break;
-            }
-            let candidate = c.all_groups().find(|(gid, g)| {
-                !touched.contains(gid)
-                    && g.voters.contains(&hi)
-                    && !g.hosts(lo)
-                    && g.voters.len() == RF
-                    && g.learners.is_empty()
-                    && self.zone_ok(c, g.voters.iter().copied().filter(|v| *v != hi), lo)
-            });
-            let Some((gid, _)) = candidate else { break };
-            touched.insert(gid);
-            steps.push(Step::AddReplica {
-                group: gid,
-                node: lo,
-            });
-            *counts.get_mut(&hi).expect("hi is counted") -= 1;
-            *counts.get_mut(&lo).expect("lo is counted") += 1;
-        }
+        let moves = Moves {
+            c,
+            max: max_moves,
+            zone_check: true,
+        };
+        moves.even_out(&mut counts, |_| true, &mut touched, &mut steps);
         if !steps.is_empty() {
             return steps;
         }
@@ -1238,25 +1191,6 @@ impl<'a> Planner<'a> {
             }
         }
         vec![]
-    }
-
-    /// Whether adding `node` next to `others` keeps voters in distinct zones (or no zones).
-    fn zone_ok(&self, c: &ClusterView, others: impl Iterator<Item = NodeId>, node: NodeId) -> bool {
-        let zone = |n: NodeId| c.nodes.get(&n).map(|v| v.zone.clone()).unwrap_or_default();
-        let z = zone(node);
-        if z.is_empty() {
-            return true;
-        }
-        let zones_exist = c
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Active)
-            .map(|n| &n.zone)
-            .collect::<BTreeSet<_>>()
-            .len();
-        let others: Vec<String> = others.map(zone).collect();
-        // With fewer than three zones a repeat cannot be avoided.
-        zones_exist < RF || !others.contains(&z)
     }
 
     fn continue_rollout(&mut self, c: &ClusterView, op: &Operation) -> Vec<Step> {
@@ -1803,6 +1737,85 @@ impl<'a> Planner<'a> {
             });
         }
     }
+}
+
+/// Replica moves that even out replica counts (each move is the add half; the remove
+/// half follows as an interrupted move).
+struct Moves<'c> {
+    c: &'c ClusterView,
+    /// At most this many moves in all.
+    max: usize,
+    /// Whether a move must keep a group's voters in distinct zones.
+    zone_check: bool,
+}
+
+impl Moves<'_> {
+    /// Moves replicas from the most to the least loaded of the nodes `among` accepts
+    /// until they are within one of each other, a group at a time and each group once.
+    fn even_out(
+        &self,
+        counts: &mut BTreeMap<NodeId, usize>,
+        among: impl Fn(NodeId) -> bool,
+        touched: &mut BTreeSet<GroupId>,
+        steps: &mut Vec<Step>,
+    ) {
+        let c = self.c;
+        while steps.len() < self.max {
+            let nodes: Vec<(NodeId, usize)> = counts
+                .iter()
+                .filter(|(id, _)| among(**id))
+                .map(|(id, n)| (*id, *n))
+                .collect();
+            let Some(&(hi, hi_n)) = nodes
+                .iter()
+                .max_by_key(|(id, n)| (*n, std::cmp::Reverse(*id)))
+            else {
+                break;
+            };
+            let Some(&(lo, lo_n)) = nodes.iter().min_by_key(|(id, n)| (*n, *id)) else {
+                break;
+            };
+            if hi_n <= lo_n + 1 {
+                break;
+            }
+            let candidate = c.all_groups().find(|(gid, g)| {
+                !touched.contains(gid)
+                    && g.voters.contains(&hi)
+                    && !g.hosts(lo)
+                    && g.voters.len() == RF
+                    && g.learners.is_empty()
+                    && (!self.zone_check
+                        || zone_ok(c, g.voters.iter().copied().filter(|v| *v != hi), lo))
+            });
+            let Some((gid, _)) = candidate else { break };
+            touched.insert(gid);
+            steps.push(Step::AddReplica {
+                group: gid,
+                node: lo,
+            });
+            *counts.get_mut(&hi).expect("hi is counted") -= 1;
+            *counts.get_mut(&lo).expect("lo is counted") += 1;
+        }
+    }
+}
+
+/// Whether adding `node` next to `others` keeps voters in distinct zones (or no zones).
+fn zone_ok(c: &ClusterView, others: impl Iterator<Item = NodeId>, node: NodeId) -> bool {
+    let zone = |n: NodeId| c.nodes.get(&n).map(|v| v.zone.clone()).unwrap_or_default();
+    let z = zone(node);
+    if z.is_empty() {
+        return true;
+    }
+    let zones_exist = c
+        .nodes
+        .values()
+        .filter(|n| n.state == NodeState::Active)
+        .map(|n| &n.zone)
+        .collect::<BTreeSet<_>>()
+        .len();
+    let others: Vec<String> = others.map(zone).collect();
+    // With fewer than three zones a repeat cannot be avoided.
+    zones_exist < RF || !others.contains(&z)
 }
 
 /// The zone the registry records for `node` ("" when unknown).
