@@ -98,25 +98,27 @@ impl Default for ClusterOptions {
 /// ancestors (so `target/debug/deps/some-test` finds `target/debug/parley-node`
 /// and `target/release/parley-bench` finds `target/release/parley-node`).
 pub fn node_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(NODE_BIN_ENV) {
+    workspace_binary("parley-node", NODE_BIN_ENV)
+}
+
+/// Finds the workspace binary `name`: the path in the environment variable `env` if set,
+/// else `name` in the directory of the running executable or one of its ancestors.
+pub fn workspace_binary(name: &str, env: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
-        ensure!(
-            path.is_file(),
-            "{NODE_BIN_ENV}={} is not a file",
-            path.display()
-        );
+        ensure!(path.is_file(), "{env}={} is not a file", path.display());
         return Ok(path);
     }
     let exe = std::env::current_exe().context("cannot find the running executable")?;
     exe.ancestors()
         .skip(1)
         .take(3)
-        .map(|dir| dir.join("parley-node"))
+        .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .ok_or_else(|| {
             anyhow!(
-                "no parley-node binary near {}: build it first (`cargo build -p parley-node`, \
-                 with --release for a release build) or set {NODE_BIN_ENV}",
+                "no {name} binary near {}: build it first (`cargo build -p {name}`, with \
+                 --release for a release build, or `cargo build --workspace --bins`) or set {env}",
                 exe.display()
             )
         })

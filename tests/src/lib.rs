@@ -33,8 +33,8 @@ pub mod process;
 mod ws_client;
 
 pub use cluster::{
-    leader_counts, node_binary, ClusterOptions, LocalCluster, KEEP_DATA_ENV, NODE_BIN_ENV,
-    TOKEN_KEY_FILE,
+    leader_counts, node_binary, workspace_binary, ClusterOptions, LocalCluster, KEEP_DATA_ENV,
+    NODE_BIN_ENV, TOKEN_KEY_FILE,
 };
 pub use log_client::{error_code, is_retryable, LogClient, RetryPolicy, RETRYABLE_ERROR_CODES};
 pub use ws_client::{RawConnection, Received, ServerError};

@@ -263,28 +263,7 @@ async fn node_metrics_used_by_alerts_and_dashboard_are_exported() -> anyhow::Res
 /// The `parley-operator` binary: `$PARLEY_OPERATOR_BIN`, or one next to this test's
 /// executable or in an ancestor directory (the target directory, where `parley-node` is).
 fn operator_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(OPERATOR_BIN_ENV) {
-        let path = PathBuf::from(path);
-        ensure!(
-            path.is_file(),
-            "{OPERATOR_BIN_ENV}={} is not a file",
-            path.display()
-        );
-        return Ok(path);
-    }
-    let exe = std::env::current_exe().context("cannot find the running executable")?;
-    exe.ancestors()
-        .skip(1)
-        .take(3)
-        .map(|dir| dir.join("parley-operator"))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            anyhow!(
-                "no parley-operator binary near {}: build it first (`cargo build -p \
-                 parley-operator`, or `cargo build --workspace --bins`) or set {OPERATOR_BIN_ENV}",
-                exe.display()
-            )
-        })
+    parley_testkit::workspace_binary("parley-operator", OPERATOR_BIN_ENV)
 }
 
 /// Kills the child when dropped, so a failed assertion leaves no process behind.
