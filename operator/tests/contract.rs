@@ -74,14 +74,7 @@ impl Harness {
     }
 
     fn cluster_object(&self) -> ParleyCluster {
-        let v = self
-            .store
-            .lock()
-            .expect("lock")
-            .get(PCS, "chat")
-            .cloned()
-            .expect("cluster exists");
-        serde_json::from_value(v).expect("ParleyCluster parses")
+        fake_apiserver::object(&self.store, PCS, "chat")
     }
 
     fn status(&self) -> ParleyClusterStatus {

@@ -115,14 +115,7 @@ impl Sim {
     }
 
     fn cluster_object(&self) -> ParleyCluster {
-        let v = self
-            .store
-            .lock()
-            .expect("lock")
-            .get(PCS, "chat")
-            .cloned()
-            .expect("exists");
-        serde_json::from_value(v).expect("parses")
+        fake_apiserver::object(&self.store, PCS, "chat")
     }
 
     fn status(&self) -> ParleyClusterStatus {

@@ -119,6 +119,22 @@ impl Store {
 
 pub type SharedStore = Arc<Mutex<Store>>;
 
+/// The stored object `name` of `collection`, typed; panics (in a test) when it is missing
+/// or does not parse.
+pub fn object<T: serde::de::DeserializeOwned>(
+    store: &SharedStore,
+    collection: &str,
+    name: &str,
+) -> T {
+    let v = store
+        .lock()
+        .expect("lock")
+        .get(collection, name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{collection}/{name} exists"));
+    serde_json::from_value(v).unwrap_or_else(|e| panic!("{collection}/{name} parses: {e}"))
+}
+
 /// Collections whose last path segment is a name, by their plural.
 const PLURALS: [&str; 11] = [
     "parleyclusters",
