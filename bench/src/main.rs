@@ -123,6 +123,9 @@ struct ReplicationArgs {
     /// Run only the etcd half (to check the baseline without parley-node).
     #[arg(long, hide = true)]
     etcd_only: bool,
+    /// Run only the Parley half (no comparison, no RESULT line; for profiling).
+    #[arg(long, hide = true, conflicts_with = "etcd_only")]
+    parley_only: bool,
 }
 
 /// The measurement plan derived from the arguments.
@@ -212,6 +215,15 @@ async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result
     } else {
         Some(run_parley(args, plan, &root.join("parley")).await?)
     };
+    if args.parley_only {
+        if let Some(parley) = &parley {
+            println!(
+                "{}",
+                report::single_table("Parley appends (3 nodes)", "appends/s", &parley.levels)
+            );
+        }
+        return Ok(());
+    }
     let etcd = run_etcd(args, plan, &root.join("etcd")).await?;
 
     let Some(parley) = parley else {

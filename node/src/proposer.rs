@@ -24,7 +24,7 @@ use crate::placement::GroupId;
 use crate::types::{Command, CommandResponse, GroupRaft, TypeConfig};
 
 /// Uncommitted batches per group; more proposals wait and join the next batch.
-pub const IN_FLIGHT_BATCHES: usize = 4;
+pub const IN_FLIGHT_BATCHES: usize = 2;
 /// Most commands in one batch entry.
 const MAX_BATCH_COMMANDS: usize = 512;
 /// A batch stops growing once its payloads reach this many bytes (one command larger

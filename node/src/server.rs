@@ -71,6 +71,7 @@ pub async fn run(
         .add_service(
             RaftTransportServer::new(RaftTransportService {
                 replicas: replicas.clone(),
+                stopping: stop_rx.clone(),
             })
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE),

@@ -5,15 +5,21 @@
 //! - `0x01` applied log id and membership;
 //! - `0x02` owned slot range `(start, end, epoch)`;
 //! - `0x03` the placement map (metadata group);
-//! - `0x04 ++ conversation` -> head `(last seq, last server time)`;
 //! - `0x05 ++ len16 ++ conversation ++ seq(8 BE)` -> [`StoredMessage`];
-//! - `0x06 ++ len16 ++ conversation ++ len16 ++ sender ++ client_msg_id` -> seq (dedupe).
+//! - `0x06 ++ SHA-256(conversation, sender, client_msg_id)[..16]` -> `(seq, server time)`
+//!   (the idempotency record of an append).
+//!
+//! (`0x04` held conversation heads in earlier versions; it is no longer written.)
+//! A conversation's head (last seq and server time) is its last message: found by one
+//! reverse seek and then kept in memory, so an append writes two keys, its message and
+//! its idempotency record. Idempotency keys are a fixed 16-byte digest whatever the id
+//! lengths, which keeps memtable comparisons short; a collision needs about 2^64 chosen
+//! ids.
 //!
 //! Each `apply` call writes one batch that includes the applied log id, so the state
 //! on disk is always exactly "everything up to the applied index". The batch is built
-//! as a sorted write set (the last write of a key wins, so a conversation head is written
-//! once per call however many messages it got) and written in key order, which lets the
-//! memtable start each insert from where the previous one ended.
+//! as a sorted write set and written in key order, which lets the memtable start each
+//! insert from where the previous one ended.
 //!
 //! Snapshots are files: every key of the group, read from a RocksDB snapshot (a
 //! consistent point-in-time view) and written as length-prefixed records.
@@ -29,6 +35,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use rocksdb::{ReadOptions, WriteBatch};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::messaging_state;
@@ -42,7 +49,6 @@ use crate::types::{
 const KEY_APPLIED: u8 = 0x01;
 const KEY_SLOTS: u8 = 0x02;
 const KEY_PLACEMENT: u8 = 0x03;
-const KEY_HEAD: u8 = 0x04;
 const KEY_MESSAGE: u8 = 0x05;
 const KEY_DEDUPE: u8 = 0x06;
 const TAG_SNAPSHOT: u8 = b's';
@@ -86,10 +92,6 @@ fn state_key(group: GroupId, kind: u8, rest: &[&[u8]]) -> Vec<u8> {
     k
 }
 
-/// Key of conversation head.
-fn head_key(group: GroupId, conversation: &str) -> Vec<u8> {
-    state_key(group, KEY_HEAD, &[conversation.as_bytes()])
-}
 
 /// Key of message `seq` of a conversation.
 pub fn message_key(group: GroupId, conversation: &str, seq: u64) -> Vec<u8> {
@@ -101,14 +103,58 @@ pub fn message_key(group: GroupId, conversation: &str, seq: u64) -> Vec<u8> {
 }
 
 fn dedupe_key(group: GroupId, conversation: &str, sender: &str, client_msg_id: &str) -> Vec<u8> {
-    state_key(
-        group,
-        KEY_DEDUPE,
-        &[
-            conversation.as_bytes(),
-            sender.as_bytes(),
-            client_msg_id.as_bytes(),
-        ],
+    let mut h = Sha256::new();
+    for part in [conversation, sender] {
+        h.update((part.len() as u16).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(client_msg_id.as_bytes());
+    let digest = h.finalize();
+    state_key(group, KEY_DEDUPE, &[&digest[..16]])
+}
+
+/// Read options bounding an iterator to a conversation's messages.
+fn conversation_bounds(group: GroupId, conversation: &str) -> ReadOptions {
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_lower_bound(message_key(group, conversation, 0));
+    opts.set_iterate_upper_bound(message_key(group, conversation, u64::MAX));
+    opts
+}
+
+/// A conversation's `(last seq, last server time)` from its last stored message;
+/// `(0, 0)` when it has none. `it` must be bounded by [`conversation_bounds`].
+fn head_from<D: rocksdb::DBAccess>(
+    mut it: rocksdb::DBRawIteratorWithThreadMode<'_, D>,
+) -> std::io::Result<(u64, i64)> {
+    it.seek_to_last();
+    match (it.key(), it.value()) {
+        (Some(key), Some(value)) => {
+            let seq = key
+                .len()
+                .checked_sub(8)
+                .and_then(|at| key.get(at..))
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "short message key")
+                })?;
+            let msg: StoredMessage = decode(value)?;
+            Ok((seq, msg.server_time_ms))
+        }
+        _ => {
+            it.status().map_err(crate::storage::engine_io_err)?;
+            Ok((0, 0))
+        }
+    }
+}
+
+/// The head of `conversation` as stored in `engine` now.
+fn stored_head(engine: &Engine, group: GroupId, conversation: &str) -> std::io::Result<(u64, i64)> {
+    let cf = engine.cf_io(CF_STATE)?;
+    head_from(
+        engine
+            .db()
+            .raw_iterator_cf_opt(cf, conversation_bounds(group, conversation)),
     )
 }
 
@@ -130,7 +176,7 @@ pub struct GroupStateMachine {
 /// Writes of the batch being applied that later commands of the same batch must see.
 #[derive(Default)]
 struct Pending {
-    /// Conversation heads moved by this batch (written once each at the end).
+    /// Conversation heads moved by this batch (kept in memory after it is written).
     heads: HashMap<String, (u64, i64)>,
     dedupe: HashMap<Vec<u8>, (u64, i64)>,
     /// Every other state write of the batch, sorted by key.
@@ -222,9 +268,7 @@ impl GroupStateMachine {
             .or_else(|| self.heads.get(conversation))
         {
             Some(h) => Ok(*h),
-            None => Ok(self
-                .get::<(u64, i64)>(&head_key(self.group, conversation))?
-                .unwrap_or((0, 0))),
+            None => stored_head(&self.engine, self.group, conversation),
         }
     }
 
@@ -347,11 +391,6 @@ impl GroupStateMachine {
             state_key(self.group, KEY_APPLIED, &[]),
             encode(&(self.applied, self.membership.clone()))?,
         );
-        for (conversation, head) in &pending.heads {
-            pending
-                .writes
-                .insert(head_key(self.group, conversation), encode(head)?);
-        }
         let cf = self.engine.cf_io(CF_STATE)?;
         let mut batch = WriteBatch::default();
         for (key, value) in &pending.writes {
@@ -392,16 +431,8 @@ impl GroupStateMachine {
         group: GroupId,
         q: &messaging_state::MessagingQuery,
     ) -> std::io::Result<messaging_state::QueryResult> {
-        let cf = engine.cf_io(CF_STATE)?;
         messaging_state::query(engine, group, q, |conv| {
-            match engine
-                .db()
-                .get_pinned_cf(cf, head_key(group, conv))
-                .map_err(crate::storage::engine_io_err)?
-            {
-                Some(v) => Ok(decode::<(u64, i64)>(&v)?.0),
-                None => Ok(0),
-            }
+            Ok(stored_head(engine, group, conv)?.0)
         })
     }
 
@@ -416,14 +447,9 @@ impl GroupStateMachine {
         let cf = engine.cf_io(CF_STATE)?;
         let db = engine.db();
         let snap = db.snapshot();
-        let head: Option<(u64, i64)> = match snap
-            .get_cf(cf, head_key(group, conversation))
-            .map_err(crate::storage::engine_io_err)?
-        {
-            Some(v) => Some(decode(&v)?),
-            None => None,
-        };
-        let last_seq = head.map(|h| h.0).unwrap_or(0);
+        let (last_seq, _) = head_from(
+            snap.raw_iterator_cf_opt(cf, conversation_bounds(group, conversation)),
+        )?;
         let mut out = Vec::new();
         let from = from_seq.max(1);
         if from > last_seq || limit == 0 {

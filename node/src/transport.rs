@@ -7,19 +7,24 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use futures::{Stream, StreamExt as _};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, OptionalSend};
 use parley_proto::node::v1::raft_transport_client::RaftTransportClient;
 use parley_proto::node::v1::raft_transport_server::RaftTransport;
 use parley_proto::node::v1::{RaftMessage, SnapshotChunk};
+use tokio::sync::watch;
+use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -28,6 +33,9 @@ use crate::replicas::Replicas;
 use crate::types::{decode, encode, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Request metadata of a `StreamAppend` call: the group replicated and the leader's node id.
+const GROUP_HEADER: &str = "x-parley-group";
+const FROM_HEADER: &str = "x-parley-from";
 /// HTTP/2 flow-control windows of node connections, both ways: every group's Raft
 /// traffic and forwarded appends share one connection per peer.
 pub const STREAM_WINDOW: u32 = 4 << 20;
@@ -175,6 +183,63 @@ fn decode_reply<R: for<'de> serde::Deserialize<'de>>(
     res.map_err(|e| RPCError::Network(NetworkError::from_string(e)))
 }
 
+/// One reply of a pipelined replication stream, as openraft wants it.
+type StreamReply = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+
+/// Requests sent and replies received on one replication stream.
+#[derive(Debug, Default)]
+struct StreamProgress {
+    sent: AtomicU64,
+    answered: AtomicU64,
+}
+
+/// The reply side of a replication stream: decodes replies, and fails the stream when a
+/// request goes unanswered for the RPC timeout or the link is cut by fault injection.
+struct ReplyStream {
+    replies: Streaming<RaftMessage>,
+    progress: Arc<StreamProgress>,
+    ttl: Duration,
+    faults: Arc<Faults>,
+    target: NodeId,
+}
+
+impl ReplyStream {
+    /// The next reply; `None` (with the state) once the stream ended or failed.
+    async fn next(state: Option<Self>) -> Option<(StreamReply, Option<Self>)> {
+        let mut st = state?;
+        loop {
+            if st.faults.is_blocked(st.target) {
+                let e = Unreachable::from_string(format!(
+                    "link to node {} cut by fault injection",
+                    st.target
+                ));
+                return Some((Err(RPCError::Unreachable(e)), None));
+            }
+            // A request sent before this wait and still unanswered after it has waited at
+            // least `ttl`; one sent during the wait gets its full `ttl` in the next round.
+            let waiting_before = st.progress.sent.load(Ordering::Relaxed)
+                > st.progress.answered.load(Ordering::Relaxed);
+            let msg = match tokio::time::timeout(st.ttl, st.replies.message()).await {
+                Err(_) if waiting_before => {
+                    let e = Unreachable::from_string(format!(
+                        "node {} did not answer an AppendEntries within {:?}",
+                        st.target, st.ttl
+                    ));
+                    return Some((Err(RPCError::Unreachable(e)), None));
+                }
+                Err(_) => continue,
+                Ok(Err(status)) => return Some((Err(status_to_rpc(status)), None)),
+                Ok(Ok(None)) => return None,
+                Ok(Ok(Some(msg))) => msg,
+            };
+            st.progress.answered.fetch_add(1, Ordering::Relaxed);
+            let reply = decode_reply::<StreamAppendResult<TypeConfig>>(msg);
+            let keep_going = matches!(reply, Ok(Ok(_)));
+            return Some((reply, keep_going.then_some(st)));
+        }
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerLink {
     type SnapshotData = crate::types::SnapshotData;
 
@@ -190,6 +255,61 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             .await
             .map_err(status_to_rpc)?;
         decode_reply(reply.into_inner())
+    }
+
+    /// Pipelined replication: one `StreamAppend` call per replication session, requests
+    /// sent as openraft produces them, replies matched in order by the follower.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, StreamReply>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let mut client = self.client().map_err(RPCError::Unreachable)?;
+            let progress = Arc::new(StreamProgress::default());
+            let (group, from) = (self.group, self.pool.node_id);
+            let sent = progress.clone();
+            let requests = tokio_stream::StreamExt::map_while(input, move |req| {
+                let payload = match encode(&req) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(group, error = %e, "cannot encode AppendEntries; stream ends");
+                        return None;
+                    }
+                };
+                sent.sent.fetch_add(1, Ordering::Relaxed);
+                Some(RaftMessage {
+                    group_id: group,
+                    from_node: from,
+                    payload,
+                })
+            });
+            let mut request = Request::new(requests);
+            request
+                .metadata_mut()
+                .insert(GROUP_HEADER, MetadataValue::from(group));
+            request
+                .metadata_mut()
+                .insert(FROM_HEADER, MetadataValue::from(from));
+            let replies = client
+                .stream_append(request)
+                .await
+                .map_err(status_to_rpc)?
+                .into_inner();
+            let state = ReplyStream {
+                replies,
+                progress,
+                ttl: option.hard_ttl(),
+                faults: self.pool.faults.clone(),
+                target: self.target,
+            };
+            let replies: BoxStream<'s, StreamReply> =
+                Box::pin(futures::stream::unfold(Some(state), ReplyStream::next));
+            Ok(replies)
+        })
     }
 
     async fn vote(
@@ -278,6 +398,18 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
 /// Serves Raft messages for every group hosted on this node.
 pub struct RaftTransportService {
     pub replicas: Arc<Replicas>,
+    /// Becomes true when the node stops: replication streams from peers end at once, so
+    /// the gRPC server's graceful shutdown is not held open by them.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// A `u64` from request metadata.
+fn metadata_u64(req: &Request<Streaming<RaftMessage>>, key: &str) -> Result<u64, Status> {
+    req.metadata()
+        .get(key)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Status::invalid_argument(format!("missing or invalid {key} metadata")))
 }
 
 type RaftFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -328,6 +460,60 @@ impl RaftTransport for RaftTransportService {
             },
         )
         .await
+    }
+
+    type StreamAppendStream = BoxStream<'static, Result<RaftMessage, Status>>;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let group = metadata_u64(&request, GROUP_HEADER)?;
+        let from = metadata_u64(&request, FROM_HEADER)?;
+        if *self.stopping.borrow() {
+            return Err(Status::unavailable("node is stopping"));
+        }
+        let faults = self.replicas.pool().faults.clone();
+        if faults.is_blocked(from) {
+            return Err(Status::unavailable("link cut by fault injection"));
+        }
+        let Some(raft) = self.replicas.get(group) else {
+            return Err(Status::not_found(format!("group {group} not hosted here")));
+        };
+        // Requests in order until the stream ends, breaks, carries something malformed or
+        // the link is cut; openraft answers what it received and ends the replies.
+        let requests = tokio_stream::StreamExt::map_while(request.into_inner(), move |msg| {
+            let msg = msg.ok()?;
+            if faults.is_blocked(from) {
+                return None;
+            }
+            if msg.group_id != group {
+                tracing::warn!(group, other = msg.group_id, "replication stream carries another group; ended");
+                return None;
+            }
+            match decode::<AppendEntriesRequest<TypeConfig>>(&msg.payload) {
+                Ok(req) => Some(req),
+                Err(e) => {
+                    tracing::warn!(group, from, error = %e, "malformed AppendEntries; stream ended");
+                    None
+                }
+            }
+        });
+        let me = self.replicas.node_id();
+        let replies = raft.stream_append(requests).map(move |res| {
+            let res: Result<StreamAppendResult<TypeConfig>, String> = res.map_err(|e| e.to_string());
+            let payload = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(RaftMessage {
+                group_id: group,
+                from_node: me,
+                payload,
+            })
+        });
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        Ok(Response::new(Box::pin(replies.take_until(stopped))))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

@@ -30,6 +30,15 @@ pub enum StorageError {
     },
 }
 
+/// Memtable size of the state column family (see [`cf_options`]).
+const STATE_WRITE_BUFFER: usize = 16 << 20;
+/// Level-0 files of the state column family that start a compaction.
+const STATE_L0_TRIGGER: i32 = 4;
+/// Memtable size of the log and metadata column families.
+const LOG_WRITE_BUFFER: usize = 64 << 20;
+/// Block cache shared by every column family (data blocks: recent messages being read).
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
+
 type SyncCallback = Box<dyn FnOnce(std::io::Result<()>) + Send>;
 
 /// The node's RocksDB instance and its WAL-sync thread.
@@ -66,8 +75,14 @@ impl Engine {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES).map_err(|source| {
+            StorageError::Open {
+                path: db_dir.clone(),
+                source,
+            }
+        })?;
         let cfs = [CF_LOG, CF_META, CF_STATE]
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name, &cache)));
         let db =
             DB::open_cf_descriptors(&opts, &db_dir, cfs).map_err(|source| StorageError::Open {
                 path: db_dir.clone(),
@@ -211,20 +226,45 @@ impl Engine {
     }
 }
 
-/// Per column family tuning. The state machine does point lookups that usually miss
-/// (idempotency keys of new messages), so it gets whole-key Bloom filters in the memtable
-/// and in table files; the log is written once, read sequentially and deleted by range.
-fn cf_options(name: &str) -> Options {
+/// Per column family tuning.
+///
+/// The state machine does a point lookup per append that usually misses (the idempotency
+/// key of a new message), so it gets whole-key Bloom filters in the memtable and in table
+/// files. Filter and index blocks stay with their open table files rather than in the
+/// block cache: evicted from the cache, every miss would read a filter block back from
+/// disk and verify its checksum. Its memtables are kept small (`STATE_WRITE_BUFFER`):
+/// appends insert keys scattered over every conversation, and each skiplist insert
+/// costs a cache miss per level, so a smaller memtable is cheaper per write than the extra
+/// flushes it causes. The log is written once, read sequentially and deleted by range.
+fn cf_options(name: &str, cache: &rocksdb::Cache) -> Options {
     let mut o = Options::default();
-    o.set_write_buffer_size(64 << 20);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(cache);
     if name == CF_STATE {
-        let mut table = rocksdb::BlockBasedOptions::default();
+        o.set_write_buffer_size(STATE_WRITE_BUFFER);
+        // Level 1 about as large as level 0 at its compaction trigger, so an L0 -> L1
+        // compaction rewrites about as much as it brings; the upper levels, rewritten
+        // most often, stay uncompressed, the lower ones use LZ4.
+        o.set_level_zero_file_num_compaction_trigger(STATE_L0_TRIGGER);
+        o.set_max_bytes_for_level_base((STATE_WRITE_BUFFER * STATE_L0_TRIGGER as usize * 2) as u64);
+        o.set_target_file_size_base(STATE_WRITE_BUFFER as u64);
+        o.set_compression_per_level(&[
+            rocksdb::DBCompressionType::None,
+            rocksdb::DBCompressionType::None,
+            rocksdb::DBCompressionType::Lz4,
+            rocksdb::DBCompressionType::Lz4,
+            rocksdb::DBCompressionType::Lz4,
+            rocksdb::DBCompressionType::Lz4,
+            rocksdb::DBCompressionType::Lz4,
+        ]);
         table.set_bloom_filter(10.0, false);
-        table.set_cache_index_and_filter_blocks(true);
-        o.set_block_based_table_factory(&table);
+        table.set_cache_index_and_filter_blocks(false);
         o.set_memtable_whole_key_filtering(true);
         o.set_memtable_prefix_bloom_ratio(0.1);
+    } else {
+        o.set_write_buffer_size(LOG_WRITE_BUFFER);
     }
+    o.set_block_based_table_factory(&table);
     o
 }
 
