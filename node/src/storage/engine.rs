@@ -242,11 +242,12 @@ fn cf_options(name: &str, cache: &rocksdb::Cache) -> Options {
     table.set_block_cache(cache);
     if name == CF_STATE {
         o.set_write_buffer_size(STATE_WRITE_BUFFER);
-        // Level 1 about as large as level 0 at its compaction trigger, so an L0 -> L1
-        // compaction rewrites about as much as it brings; the upper levels, rewritten
-        // most often, stay uncompressed, the lower ones use LZ4.
+        // Level 1 as large as level 0 at its compaction trigger, so an L0 -> L1
+        // compaction rewrites about as much as it brings in (appends scatter keys over
+        // every conversation, so each one overlaps all of level 1); the upper levels,
+        // rewritten most often, stay uncompressed, the lower ones use LZ4.
         o.set_level_zero_file_num_compaction_trigger(STATE_L0_TRIGGER);
-        o.set_max_bytes_for_level_base((STATE_WRITE_BUFFER * STATE_L0_TRIGGER as usize * 2) as u64);
+        o.set_max_bytes_for_level_base((STATE_WRITE_BUFFER * STATE_L0_TRIGGER as usize) as u64);
         o.set_target_file_size_base(STATE_WRITE_BUFFER as u64);
         o.set_compression_per_level(&[
             rocksdb::DBCompressionType::None,
