@@ -92,7 +92,6 @@ fn state_key(group: GroupId, kind: u8, rest: &[&[u8]]) -> Vec<u8> {
     k
 }
 
-
 /// Key of message `seq` of a conversation.
 pub fn message_key(group: GroupId, conversation: &str, seq: u64) -> Vec<u8> {
     state_key(
@@ -447,9 +446,8 @@ impl GroupStateMachine {
         let cf = engine.cf_io(CF_STATE)?;
         let db = engine.db();
         let snap = db.snapshot();
-        let (last_seq, _) = head_from(
-            snap.raw_iterator_cf_opt(cf, conversation_bounds(group, conversation)),
-        )?;
+        let (last_seq, _) =
+            head_from(snap.raw_iterator_cf_opt(cf, conversation_bounds(group, conversation)))?;
         let mut out = Vec::new();
         let from = from_seq.max(1);
         if from > last_seq || limit == 0 {

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use futures::{Stream, StreamExt as _};
 use openraft::base::{BoxFuture, BoxStream};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
     TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
@@ -36,6 +36,10 @@ const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// Request metadata of a `StreamAppend` call: the group replicated and the leader's node id.
 const GROUP_HEADER: &str = "x-parley-group";
 const FROM_HEADER: &str = "x-parley-from";
+/// Least time a replication stream waits for the reply to a request before it fails:
+/// openraft's per-request timeout is the heartbeat interval, which a follower working
+/// through a pipeline of requests on a busy machine can exceed without being gone.
+const MIN_STREAM_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 flow-control windows of node connections, both ways: every group's Raft
 /// traffic and forwarded appends share one connection per peer.
 pub const STREAM_WINDOW: u32 = 4 << 20;
@@ -268,6 +272,14 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
         Box::pin(async move {
+            // openraft backs off after failures while it produces a request: connect only
+            // once there is one, or an unreachable peer is retried in a tight loop.
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                let none: BoxStream<'s, StreamReply> = Box::pin(futures::stream::empty());
+                return Ok(none);
+            };
+            let input = futures::stream::once(futures::future::ready(first)).chain(input);
             let mut client = self.client().map_err(RPCError::Unreachable)?;
             let progress = Arc::new(StreamProgress::default());
             let (group, from) = (self.group, self.pool.node_id);
@@ -302,7 +314,7 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             let state = ReplyStream {
                 replies,
                 progress,
-                ttl: option.hard_ttl(),
+                ttl: option.hard_ttl().max(MIN_STREAM_REPLY_TIMEOUT),
                 faults: self.pool.faults.clone(),
                 target: self.target,
             };
@@ -481,27 +493,36 @@ impl RaftTransport for RaftTransportService {
             return Err(Status::not_found(format!("group {group} not hosted here")));
         };
         // Requests in order until the stream ends, breaks, carries something malformed or
-        // the link is cut; openraft answers what it received and ends the replies.
+        // the link is cut; openraft answers what it received and ends the replies, and a
+        // malformed request is then reported as the stream's final status.
+        let refused: Arc<Mutex<Option<Status>>> = Arc::default();
+        let refuse = refused.clone();
         let requests = tokio_stream::StreamExt::map_while(request.into_inner(), move |msg| {
             let msg = msg.ok()?;
             if faults.is_blocked(from) {
                 return None;
             }
-            if msg.group_id != group {
-                tracing::warn!(group, other = msg.group_id, "replication stream carries another group; ended");
-                return None;
-            }
-            match decode::<AppendEntriesRequest<TypeConfig>>(&msg.payload) {
-                Ok(req) => Some(req),
-                Err(e) => {
-                    tracing::warn!(group, from, error = %e, "malformed AppendEntries; stream ended");
-                    None
+            let bad = if msg.group_id != group {
+                Status::invalid_argument(format!(
+                    "replication stream of group {group} carries a message of group {}",
+                    msg.group_id
+                ))
+            } else {
+                match decode::<AppendEntriesRequest<TypeConfig>>(&msg.payload) {
+                    Ok(req) => return Some(req),
+                    Err(e) => Status::invalid_argument(format!("bad AppendEntries: {e}")),
                 }
+            };
+            tracing::warn!(group, from, error = %bad.message(), "replication stream refused");
+            if let Ok(mut r) = refuse.lock() {
+                *r = Some(bad);
             }
+            None
         });
         let me = self.replicas.node_id();
         let replies = raft.stream_append(requests).map(move |res| {
-            let res: Result<StreamAppendResult<TypeConfig>, String> = res.map_err(|e| e.to_string());
+            let res: Result<StreamAppendResult<TypeConfig>, String> =
+                res.map_err(|e| e.to_string());
             let payload = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
             Ok(RaftMessage {
                 group_id: group,
@@ -509,11 +530,16 @@ impl RaftTransport for RaftTransportService {
                 payload,
             })
         });
+        let refusal = futures::stream::once(async move {
+            refused.lock().ok().and_then(|mut r| r.take()).map(Err)
+        })
+        .filter_map(futures::future::ready);
         let mut stopping = self.stopping.clone();
         let stopped = async move {
             let _ = stopping.wait_for(|s| *s).await;
         };
-        Ok(Response::new(Box::pin(replies.take_until(stopped))))
+        let replies = replies.chain(refusal).take_until(stopped);
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

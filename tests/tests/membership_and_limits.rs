@@ -302,6 +302,46 @@ async fn bad_input_gets_typed_errors_and_the_node_stays_up() {
             "{err}"
         );
     }
+    // Replication streams: without their metadata, for a group not hosted here, with a
+    // request that does not decode, and with a message of another group. The last two are
+    // refused as the stream's final status, before anything reaches the group.
+    let err = raft
+        .stream_append(futures::stream::empty::<RaftMessage>())
+        .await
+        .expect_err("no metadata");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let stream_of = |group: u64, msgs: Vec<RaftMessage>| {
+        let mut req = Request::new(futures::stream::iter(msgs));
+        req.metadata_mut()
+            .insert("x-parley-group", group.to_string().parse().expect("ascii"));
+        req.metadata_mut()
+            .insert("x-parley-from", "1".parse().expect("ascii"));
+        req
+    };
+    let err = raft
+        .stream_append(stream_of(999, Vec::new()))
+        .await
+        .expect_err("group not hosted");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    let undecodable = RaftMessage {
+        group_id: 1,
+        from_node: 1,
+        payload: Vec::new(),
+    };
+    let other_group = RaftMessage {
+        group_id: 2,
+        from_node: 1,
+        payload: vec![0; 10],
+    };
+    for msg in [undecodable, other_group] {
+        let mut replies = raft
+            .stream_append(stream_of(1, vec![msg]))
+            .await
+            .expect("the stream opens")
+            .into_inner();
+        let err = replies.message().await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    }
     let err = cluster
         .admin(3)
         .propose_meta(MetaProposal {
