@@ -247,6 +247,8 @@ impl ReplyStream {
 impl RaftNetworkV2<TypeConfig> for PeerLink {
     type SnapshotData = crate::types::SnapshotData;
 
+    /// One AppendEntries as a unary call. openraft replicates and sends heartbeats through
+    /// [`Self::stream_append`], so this is only the trait's required fallback.
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
