@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use parley_operator::crd::ParleyCluster;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    // The value cargo and nextest set when running the test follows this checkout even
+    // when the binary was built from another one sharing the target directory.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
 }
 
 fn load(path: &Path) -> ParleyCluster {

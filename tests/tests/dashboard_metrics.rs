@@ -27,8 +27,13 @@ const OPERATOR_BIN_ENV: &str = "PARLEY_OPERATOR_BIN";
 const OPERATOR_PREFIX: &str = "parley_operator_";
 
 fn repo_root() -> PathBuf {
-    // tests/ is one level below the repository root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // tests/ is one level below the repository root. The value cargo and nextest set when
+    // running the test follows this checkout even when the binary was built from another
+    // one sharing the target directory.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(".."))
