@@ -63,6 +63,16 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
 }
 
+/// A [`StoredMessage`] borrowing its fields from the command being applied: it encodes
+/// to the same bytes, without copying the payload first.
+#[derive(Serialize)]
+struct StoredMessageRef<'a> {
+    sender: &'a str,
+    client_msg_id: &'a str,
+    server_time_ms: i64,
+    payload: &'a [u8],
+}
+
 /// Slot range owned by a shard group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotRange {
@@ -304,11 +314,11 @@ impl GroupStateMachine {
         let (last_seq, last_time) = self.head_of(&cmd.conversation, heads)?;
         let seq = last_seq + 1;
         let server_time_ms = cmd.proposed_at_ms.max(last_time);
-        let msg = StoredMessage {
-            sender: cmd.sender.clone(),
-            client_msg_id: cmd.client_msg_id.clone(),
+        let msg = StoredMessageRef {
+            sender: &cmd.sender,
+            client_msg_id: &cmd.client_msg_id,
             server_time_ms,
-            payload: cmd.payload.clone(),
+            payload: &cmd.payload,
         };
         writes.insert(
             message_key(self.group, &cmd.conversation, seq),
@@ -767,6 +777,25 @@ mod tests {
             proposed_at_ms: at,
             payload: id.as_bytes().to_vec(),
         })
+    }
+
+    #[test]
+    fn borrowed_message_encodes_like_the_stored_one() {
+        let stored = StoredMessage {
+            sender: "alice".into(),
+            client_msg_id: "m-1".into(),
+            server_time_ms: 1_700_000_000_123,
+            payload: vec![0, 1, 2, 255],
+        };
+        let borrowed = StoredMessageRef {
+            sender: &stored.sender,
+            client_msg_id: &stored.client_msg_id,
+            server_time_ms: stored.server_time_ms,
+            payload: &stored.payload,
+        };
+        let bytes = encode(&borrowed).expect("encode");
+        assert_eq!(bytes, encode(&stored).expect("encode"));
+        assert_eq!(decode::<StoredMessage>(&bytes).expect("decode"), stored);
     }
 
     /// Applies commands as one batch, the way `apply` does, and returns the responses.
