@@ -5,16 +5,18 @@
 //! machine, all on loopback and bounded in time:
 //!
 //! 1. starts a local 3-node Parley cluster (release binaries, through
-//!    `parley-testkit`) unless `--endpoints` names a running one;
-//! 2. per concurrency level runs that many closed-loop appenders for a fixed
-//!    time (random conversation, unique client message id, fixed-size payload)
-//!    and records throughput, latency percentiles and errors;
-//! 3. under a steady load, kills (`SIGKILL`) the node leading the most shard
-//!    groups and reports the longest time each of its groups went without an
-//!    acknowledged append, then restarts the node;
-//! 4. starts a 3-member etcd cluster with default (fsync-per-write) settings
-//!    and runs the same levels as puts of the same size over as many keys;
-//! 5. prints both side by side, ending with a single `RESULT` line for the
+//!    `parley-testkit`) unless `--endpoints` names a running one, and a
+//!    3-member etcd cluster with default (fsync-per-write) settings;
+//! 2. per concurrency level runs that many closed-loop appenders against
+//!    Parley for a fixed time (random conversation, unique client message id,
+//!    fixed-size payload), then as many putters against etcd (same size, as
+//!    many keys), recording throughput, latency percentiles and errors; the
+//!    two systems alternate level by level so each pair is measured seconds
+//!    apart on a shared machine;
+//! 3. stops etcd and, under a steady load, kills (`SIGKILL`) the node leading
+//!    the most shard groups and reports the longest time each of its groups
+//!    went without an acknowledged append, then restarts the node;
+//! 4. prints both side by side, ending with a single `RESULT` line for the
 //!    highest level.
 //!
 //! `parley-bench delivery` (module [`delivery`]) measures 1:1 messages end to
@@ -41,6 +43,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use clap::{Args, Parser, Subcommand};
+use parley_testkit::LocalCluster;
 use rand::Rng as _;
 
 use crate::etcd::{EtcdCluster, EtcdTarget};
@@ -210,28 +213,40 @@ async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result
         plan.conversations,
         plan.payload.len()
     );
-    let parley = if args.etcd_only {
-        None
-    } else {
-        Some(run_parley(args, plan, &root.join("parley")).await?)
-    };
-    if args.parley_only {
-        if let Some(parley) = &parley {
-            println!(
-                "{}",
-                report::single_table("Parley appends (3 nodes)", "appends/s", &parley.levels)
-            );
-        }
-        return Ok(());
-    }
-    let etcd = run_etcd(args, plan, &root.join("etcd")).await?;
-
-    let Some(parley) = parley else {
+    if args.etcd_only {
+        let etcd = start_etcd(args, plan, &root.join("etcd")).await?;
+        let levels = run_levels("etcd", &etcd.1, plan).await?;
         println!(
             "{}",
-            report::single_table("etcd puts (3 members)", "puts/s", &etcd)
+            report::single_table("etcd puts (3 members)", "puts/s", &levels)
         );
         return Ok(());
+    }
+    let parley_side = ParleySide::start(args, plan, &root.join("parley")).await?;
+    if args.parley_only {
+        let levels = run_levels("Parley", &parley_side.target, plan).await?;
+        parley_side.write_gap(plan).await?;
+        println!(
+            "{}",
+            report::single_table("Parley appends (3 nodes)", "appends/s", &levels)
+        );
+        return Ok(());
+    }
+    // Both clusters stay up and the levels alternate (Parley, then etcd, at each level), so
+    // each pair is measured seconds apart on this shared machine rather than minutes; the
+    // idle cluster only sends heartbeats meanwhile.
+    let (mut etcd_cluster, etcd_target) = start_etcd(args, plan, &root.join("etcd")).await?;
+    let mut parley_levels = Vec::with_capacity(plan.levels.len());
+    let mut etcd = Vec::with_capacity(plan.levels.len());
+    for &concurrency in &plan.levels {
+        parley_levels.push(run_one("Parley", &parley_side.target, concurrency, plan).await?);
+        etcd.push(run_one("etcd", &etcd_target, concurrency, plan).await?);
+    }
+    etcd_cluster.kill();
+    let gap = parley_side.write_gap(plan).await?;
+    let parley = ParleyOutcome {
+        levels: parley_levels,
+        gap,
     };
     println!("{}", report::comparison_table(&parley.levels, &etcd));
     match &parley.gap {
@@ -274,93 +289,115 @@ async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result
     Ok(())
 }
 
-/// Parley's levels and, on a local cluster, the write gap.
-async fn run_parley(
-    args: &ReplicationArgs,
-    plan: &Plan,
-    root: &Path,
-) -> anyhow::Result<ParleyOutcome> {
-    if !args.endpoints.is_empty() {
-        let target =
-            ParleyTarget::connect(&args.endpoints, args.append_rpc, Arc::clone(&plan.payload))
-                .await?;
-        let levels = run_levels("Parley", &target, plan).await?;
-        eprintln!("write gap: skipped, --endpoints given (no local node to kill)");
-        return Ok(ParleyOutcome { levels, gap: None });
-    }
-    let cluster = local::start_local(
-        args.shard_groups,
-        args.node_bin.clone(),
-        args.node_args.clone(),
-        root,
-    )
-    .await?;
-    let target = ParleyTarget::connect(
-        &cluster.endpoints(),
-        args.append_rpc,
-        Arc::clone(&plan.payload),
-    )
-    .await?;
-    let levels = run_levels("Parley", &target, plan).await?;
-
-    eprintln!(
-        "write gap: {} writers, SIGKILL of the busiest leader after {} s, then {} s of load",
-        plan.gap.concurrency,
-        plan.gap.warmup.as_secs(),
-        plan.gap.after_kill.as_secs()
-    );
-    let gap = measure_write_gap(&cluster, &plan.gap).await?;
-    for group in &gap.groups {
-        eprintln!(
-            "  group {}: {} ms{}",
-            group.group_id,
-            group.gap.as_millis(),
-            if group.recovered {
-                ""
-            } else {
-                " (no append acknowledged after the kill)"
-            }
-        );
-    }
-    eprintln!(
-        "  node {} led {} groups; {} appends acknowledged, {} failed after retries",
-        gap.victim,
-        gap.groups.len(),
-        gap.appends,
-        gap.errors
-    );
-    cluster
-        .restart(gap.victim)
-        .await
-        .with_context(|| format!("cannot restart node {}", gap.victim))?;
-    cluster.wait_for_leaders(STARTUP_TIMEOUT).await?;
-    eprintln!("  node {} restarted; every group has a leader", gap.victim);
-    // Dropping the cluster kills the nodes, leaving the cores to etcd.
-    drop(cluster);
-    Ok(ParleyOutcome {
-        levels,
-        gap: Some(gap),
-    })
+/// The Parley cluster under test: a local one (killed when dropped), or `--endpoints`.
+struct ParleySide {
+    cluster: Option<LocalCluster>,
+    target: ParleyTarget,
 }
 
-/// etcd's levels on a fresh local cluster, killed afterwards.
-async fn run_etcd(
+impl ParleySide {
+    async fn start(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result<Self> {
+        if !args.endpoints.is_empty() {
+            let target =
+                ParleyTarget::connect(&args.endpoints, args.append_rpc, Arc::clone(&plan.payload))
+                    .await?;
+            return Ok(Self {
+                cluster: None,
+                target,
+            });
+        }
+        let cluster = local::start_local(
+            args.shard_groups,
+            args.node_bin.clone(),
+            args.node_args.clone(),
+            root,
+        )
+        .await?;
+        let target = ParleyTarget::connect(
+            &cluster.endpoints(),
+            args.append_rpc,
+            Arc::clone(&plan.payload),
+        )
+        .await?;
+        Ok(Self {
+            cluster: Some(cluster),
+            target,
+        })
+    }
+
+    /// The write gap after the busiest leader's `SIGKILL` (the node is restarted
+    /// afterwards); `None` for `--endpoints`, where there is no local node to kill.
+    async fn write_gap(self, plan: &Plan) -> anyhow::Result<Option<GapReport>> {
+        let Some(cluster) = self.cluster else {
+            eprintln!("write gap: skipped, --endpoints given (no local node to kill)");
+            return Ok(None);
+        };
+        eprintln!(
+            "write gap: {} writers, SIGKILL of the busiest leader after {} s, then {} s of load",
+            plan.gap.concurrency,
+            plan.gap.warmup.as_secs(),
+            plan.gap.after_kill.as_secs()
+        );
+        let gap = measure_write_gap(&cluster, &plan.gap).await?;
+        for group in &gap.groups {
+            eprintln!(
+                "  group {}: {} ms{}",
+                group.group_id,
+                group.gap.as_millis(),
+                if group.recovered {
+                    ""
+                } else {
+                    " (no append acknowledged after the kill)"
+                }
+            );
+        }
+        eprintln!(
+            "  node {} led {} groups; {} appends acknowledged, {} failed after retries",
+            gap.victim,
+            gap.groups.len(),
+            gap.appends,
+            gap.errors
+        );
+        cluster
+            .restart(gap.victim)
+            .await
+            .with_context(|| format!("cannot restart node {}", gap.victim))?;
+        cluster.wait_for_leaders(STARTUP_TIMEOUT).await?;
+        eprintln!("  node {} restarted; every group has a leader", gap.victim);
+        Ok(Some(gap))
+    }
+}
+
+/// A fresh local etcd cluster (killed when dropped) and a client of it.
+async fn start_etcd(
     args: &ReplicationArgs,
     plan: &Plan,
     root: &Path,
-) -> anyhow::Result<Vec<LevelResult>> {
+) -> anyhow::Result<(EtcdCluster, EtcdTarget)> {
     eprintln!(
         "starting {CLUSTER_SIZE} etcd members ({}) in {}",
         args.etcd_bin.display(),
         root.display()
     );
-    let mut cluster = EtcdCluster::start(&args.etcd_bin, root, STARTUP_TIMEOUT)
+    let cluster = EtcdCluster::start(&args.etcd_bin, root, STARTUP_TIMEOUT)
         .await
         .context("cannot start the etcd cluster")?;
     let target = EtcdTarget::connect(&cluster.client_urls(), Arc::clone(&plan.payload)).await?;
-    let levels = run_levels("etcd", &target, plan).await?;
-    cluster.kill();
-    Ok(levels)
+    Ok((cluster, target))
+}
+
+/// One level against `target`, reported on stderr.
+async fn run_one<T: Target>(
+    system: &str,
+    target: &T,
+    concurrency: usize,
+    plan: &Plan,
+) -> anyhow::Result<LevelResult> {
+    let result = run_level(target, concurrency, plan.per_level, plan.conversations)
+        .await
+        .with_context(|| format!("{system} at concurrency {concurrency}"))?;
+    eprintln!("{system:>6}: {}", report::level_row(&result));
+    Ok(result)
 }
 
 /// Runs every level of the plan against `target`, reporting each on stderr.
@@ -371,11 +408,7 @@ async fn run_levels<T: Target>(
 ) -> anyhow::Result<Vec<LevelResult>> {
     let mut results = Vec::with_capacity(plan.levels.len());
     for &concurrency in &plan.levels {
-        let result = run_level(target, concurrency, plan.per_level, plan.conversations)
-            .await
-            .with_context(|| format!("{system} at concurrency {concurrency}"))?;
-        eprintln!("{system:>6}: {}", report::level_row(&result));
-        results.push(result);
+        results.push(run_one(system, target, concurrency, plan).await?);
     }
     Ok(results)
 }
