@@ -14,6 +14,7 @@ use parley_testkit::process::{free_loopback_ports, log_tail, spawn_tied};
 use tokio::time::{sleep, Instant};
 
 use crate::load::Target;
+use crate::parley::Route;
 
 /// Number of etcd members.
 const MEMBERS: usize = 3;
@@ -180,7 +181,7 @@ impl Member {
 }
 
 /// Puts a payload under one key per conversation; worker `w` talks to member
-/// `w % members`.
+/// `w % members` (of one, the leader, with [`Route::Leader`]).
 #[derive(Clone)]
 pub struct EtcdTarget {
     clients: Arc<[Client]>,
@@ -188,8 +189,14 @@ pub struct EtcdTarget {
 }
 
 impl EtcdTarget {
-    /// Connects one client to each of `client_urls`.
-    pub async fn connect(client_urls: &[String], payload: Arc<[u8]>) -> anyhow::Result<Self> {
+    /// Connects to every member (`Route::Any`: worker `w` puts through member
+    /// `w % members`, which forwards to the leader) or only to the leader
+    /// (`Route::Leader`, found from the members' status).
+    pub async fn connect(
+        client_urls: &[String],
+        route: Route,
+        payload: Arc<[u8]>,
+    ) -> anyhow::Result<Self> {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(PUT_TIMEOUT);
@@ -201,6 +208,18 @@ impl EtcdTarget {
             clients.push(client);
         }
         anyhow::ensure!(!clients.is_empty(), "no etcd endpoints");
+        if route == Route::Leader {
+            let mut leader = None;
+            for client in &mut clients {
+                let status = client.status().await.context("etcd member status")?;
+                let me = status.header().map(|h| h.member_id());
+                if me.is_some() && me == Some(status.leader()) {
+                    leader = Some(client.clone());
+                }
+            }
+            let leader = leader.context("no etcd member reports itself the leader")?;
+            clients = vec![leader];
+        }
         Ok(Self {
             clients: clients.into(),
             payload,

@@ -48,7 +48,7 @@ use rand::Rng as _;
 
 use crate::etcd::{EtcdCluster, EtcdTarget};
 use crate::load::{run_level, LevelResult, Target};
-use crate::parley::{measure_write_gap, AppendRpc, GapOptions, GapReport, ParleyTarget};
+use crate::parley::{measure_write_gap, AppendRpc, GapOptions, GapReport, ParleyTarget, Route};
 
 /// Parley nodes and etcd members started by the benchmark.
 const CLUSTER_SIZE: u64 = 3;
@@ -116,6 +116,11 @@ struct ReplicationArgs {
     /// (`stream`), or one unary call each (`unary`, as etcd's client does for puts).
     #[arg(long, value_enum, default_value = "stream")]
     append_rpc: AppendRpc,
+    /// Which node each append is sent to: any (the worker's, which forwards it to the
+    /// group's leader, as etcd's members forward puts) or the leader of its group
+    /// (no forwarding hop; measures the replicated core alone).
+    #[arg(long, value_enum, default_value = "any")]
+    route: Route,
     /// The etcd server binary.
     #[arg(long, default_value = "/usr/bin/etcd")]
     etcd_bin: PathBuf,
@@ -207,11 +212,16 @@ async fn replication(args: &ReplicationArgs) -> anyhow::Result<()> {
 
 async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result<()> {
     eprintln!(
-        "parley-bench replication: levels {:?}, {} s each, {} conversations, {}-byte payloads",
+        "parley-bench replication: levels {:?}, {} s each, {} conversations, {}-byte payloads, \
+         sent to {}",
         plan.levels,
         plan.per_level.as_secs(),
         plan.conversations,
-        plan.payload.len()
+        plan.payload.len(),
+        match args.route {
+            Route::Any => "any node (which forwards to the leader)",
+            Route::Leader => "each group's leader",
+        }
     );
     if args.etcd_only {
         let etcd = start_etcd(args, plan, &root.join("etcd")).await?;
@@ -298,9 +308,13 @@ struct ParleySide {
 impl ParleySide {
     async fn start(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result<Self> {
         if !args.endpoints.is_empty() {
-            let target =
-                ParleyTarget::connect(&args.endpoints, args.append_rpc, Arc::clone(&plan.payload))
-                    .await?;
+            let target = ParleyTarget::connect(
+                &args.endpoints,
+                args.append_rpc,
+                args.route,
+                Arc::clone(&plan.payload),
+            )
+            .await?;
             return Ok(Self {
                 cluster: None,
                 target,
@@ -316,6 +330,7 @@ impl ParleySide {
         let target = ParleyTarget::connect(
             &cluster.endpoints(),
             args.append_rpc,
+            args.route,
             Arc::clone(&plan.payload),
         )
         .await?;
@@ -382,7 +397,12 @@ async fn start_etcd(
     let cluster = EtcdCluster::start(&args.etcd_bin, root, STARTUP_TIMEOUT)
         .await
         .context("cannot start the etcd cluster")?;
-    let target = EtcdTarget::connect(&cluster.client_urls(), Arc::clone(&plan.payload)).await?;
+    let target = EtcdTarget::connect(
+        &cluster.client_urls(),
+        args.route,
+        Arc::clone(&plan.payload),
+    )
+    .await?;
     Ok((cluster, target))
 }
 

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use parley_node::append_stream::AppendStreamClient;
+use parley_node::placement::{slot_of, Slot};
 use parley_node::transport::{CONNECTION_WINDOW, STREAM_WINDOW};
+use parley_proto::node::v1::admin_client::AdminClient;
 use parley_proto::node::v1::conversation_log_client::ConversationLogClient;
-use parley_proto::node::v1::AppendRequest;
+use parley_proto::node::v1::{AppendRequest, ClusterStatusRequest};
 use parley_testkit::{leader_counts, LocalCluster, LogClient, RetryPolicy};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -38,11 +40,24 @@ pub enum AppendRpc {
     Unary,
 }
 
+/// Which node an append is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Route {
+    /// Worker `w` uses endpoint `w % endpoints`, whatever the conversation: the node
+    /// forwards appends for groups it does not lead (two thirds of them on 3 nodes),
+    /// as a gateway does for its users' messages.
+    Any,
+    /// Each append goes to the node leading its conversation's group (from one
+    /// `ClusterStatus` read before the load), so no append takes a forwarding hop.
+    Leader,
+}
+
 /// One endpoint, reached by either RPC.
 #[derive(Clone)]
 struct ParleyEndpoint {
     unary: ConversationLogClient<Channel>,
     stream: AppendStreamClient,
+    admin: AdminClient<Channel>,
 }
 
 /// Appends `payload` with a fresh client message id per operation; worker `w`
@@ -51,6 +66,9 @@ struct ParleyEndpoint {
 pub struct ParleyTarget {
     clients: Arc<[ParleyEndpoint]>,
     rpc: AppendRpc,
+    /// For [`Route::Leader`]: inclusive slot ranges and the index of the endpoint
+    /// leading each, sorted by range start.
+    leaders: Option<Arc<[(Slot, Slot, usize)]>>,
     payload: Arc<[u8]>,
     /// Distinguishes this run's client message ids from earlier runs'.
     run_id: Arc<str>,
@@ -62,6 +80,7 @@ impl ParleyTarget {
     pub async fn connect(
         endpoints: &[String],
         rpc: AppendRpc,
+        route: Route,
         payload: Arc<[u8]>,
     ) -> anyhow::Result<Self> {
         let mut clients = Vec::with_capacity(endpoints.len());
@@ -77,13 +96,19 @@ impl ParleyTarget {
                 .with_context(|| format!("cannot connect to {uri}"))?;
             clients.push(ParleyEndpoint {
                 unary: ConversationLogClient::new(channel.clone()),
+                admin: AdminClient::new(channel.clone()),
                 stream: AppendStreamClient::new(channel, uri.clone()),
             });
         }
         anyhow::ensure!(!clients.is_empty(), "no Parley endpoints");
+        let leaders = match route {
+            Route::Any => None,
+            Route::Leader => Some(leader_routes(endpoints, clients[0].admin.clone()).await?),
+        };
         Ok(Self {
             clients: clients.into(),
             rpc,
+            leaders,
             payload,
             run_id: format!("{:016x}", rand::rng().random::<u64>()).into(),
             next_msg: Arc::new(AtomicU64::new(0)),
@@ -93,10 +118,22 @@ impl ParleyTarget {
 
 impl Target for ParleyTarget {
     async fn op(&self, worker: usize, conversation: usize) -> anyhow::Result<()> {
-        let endpoint = &self.clients[worker % self.clients.len()];
+        let conversation_id = conversation_id(conversation);
+        let index = match &self.leaders {
+            None => worker,
+            Some(ranges) => {
+                let slot = slot_of(&conversation_id);
+                let at = ranges.partition_point(|&(start, _, _)| start <= slot);
+                match at.checked_sub(1).and_then(|i| ranges.get(i)) {
+                    Some(&(_, end, endpoint)) if slot <= end => endpoint,
+                    _ => worker,
+                }
+            }
+        };
+        let endpoint = &self.clients[index % self.clients.len()];
         let msg = self.next_msg.fetch_add(1, Ordering::Relaxed);
         let append = AppendRequest {
-            conversation_id: conversation_id(conversation),
+            conversation_id,
             sender: format!("bench-{worker}"),
             client_msg_id: format!("{}-{msg}", self.run_id),
             payload: self.payload.to_vec(),
@@ -114,6 +151,42 @@ impl Target for ParleyTarget {
         }
         Ok(())
     }
+}
+
+/// Slot ranges of the shard groups and the endpoint (index into `endpoints`) of each
+/// group's leader, from the cluster status one node reports. Groups without a leader, or
+/// led by a node that is not among the endpoints, are left out (their appends go to any
+/// node, which forwards them).
+async fn leader_routes(
+    endpoints: &[String],
+    mut admin: AdminClient<Channel>,
+) -> anyhow::Result<Arc<[(Slot, Slot, usize)]>> {
+    let status = admin
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .context("cannot read the cluster status for leader routing")?
+        .into_inner();
+    let endpoint_of = |node: u64| {
+        let addr = status
+            .nodes
+            .iter()
+            .filter_map(|n| n.address.as_ref())
+            .find(|a| a.node_id == node)?;
+        endpoints
+            .iter()
+            .position(|e| e.trim_end_matches('/') == format!("http://{}", addr.addr))
+    };
+    let mut ranges: Vec<(Slot, Slot, usize)> = status
+        .groups
+        .iter()
+        .filter_map(|g| Some((g.slot_start, g.slot_end, endpoint_of(g.leader)?)))
+        .collect();
+    ranges.sort_unstable();
+    anyhow::ensure!(
+        !ranges.is_empty(),
+        "no group leader is among the endpoints {endpoints:?}"
+    );
+    Ok(ranges.into())
 }
 
 /// How to run the write-gap measurement.
