@@ -13,6 +13,8 @@
 //!    many keys), recording throughput, latency percentiles and errors; the
 //!    two systems alternate level by level so each pair is measured seconds
 //!    apart on a shared machine;
+//!    writers use every node (which forwards to the group's leader) and every
+//!    etcd member, or with `--route leader` only the leaders on both sides;
 //! 3. stops etcd and, under a steady load, kills (`SIGKILL`) the node leading
 //!    the most shard groups and reports the longest time each of its groups
 //!    went without an acknowledged append, then restarts the node;
