@@ -185,13 +185,6 @@ impl Plan {
     }
 }
 
-/// What the Parley half measured.
-struct ParleyOutcome {
-    levels: Vec<LevelResult>,
-    /// `None` when benchmarking `--endpoints`.
-    gap: Option<GapReport>,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -220,14 +213,11 @@ async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result
         plan.per_level.as_secs(),
         plan.conversations,
         plan.payload.len(),
-        match args.route {
-            Route::Any => "any node (which forwards to the leader)",
-            Route::Leader => "each group's leader",
-        }
+        args.route.describe()
     );
     if args.etcd_only {
-        let etcd = start_etcd(args, plan, &root.join("etcd")).await?;
-        let levels = run_levels("etcd", &etcd.1, plan).await?;
+        let (_cluster, target) = start_etcd(args, plan, &root.join("etcd")).await?;
+        let levels = run_levels("etcd", &target, plan).await?;
         println!(
             "{}",
             report::single_table("etcd puts (3 members)", "puts/s", &levels)
@@ -256,12 +246,8 @@ async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result
     }
     etcd_cluster.kill();
     let gap = parley_side.write_gap(plan).await?;
-    let parley = ParleyOutcome {
-        levels: parley_levels,
-        gap,
-    };
-    println!("{}", report::comparison_table(&parley.levels, &etcd));
-    match &parley.gap {
+    println!("{}", report::comparison_table(&parley_levels, &etcd));
+    match &gap {
         Some(gap) => {
             let unrecovered = gap.groups.iter().filter(|group| !group.recovered).count();
             if unrecovered > 0 {
@@ -279,19 +265,14 @@ async fn run(args: &ReplicationArgs, plan: &Plan, root: &Path) -> anyhow::Result
         }
         None => println!("write gap after leader SIGKILL: not measured (--endpoints given)"),
     }
-    let top = |levels: &[LevelResult]| {
-        levels
-            .iter()
-            .enumerate()
-            .max_by_key(|(_, level)| level.concurrency)
-            .map(|(index, _)| index)
-    };
-    let index = top(&parley.levels).context("no Parley levels were run")?;
-    let (parley_top, etcd_top) = parley
-        .levels
+    // Both ran the plan's levels in its order; the RESULT line is the highest.
+    let index = (0..plan.levels.len())
+        .max_by_key(|&i| plan.levels[i])
+        .context("no levels were run")?;
+    let (parley_top, etcd_top) = parley_levels
         .get(index)
         .zip(etcd.get(index))
-        .context("Parley and etcd ran different levels")?;
+        .context("a level is missing its result")?;
     ensure!(
         parley_top.ok > 0 && etcd_top.ok > 0,
         "no RESULT: a system completed no writes at concurrency {} (see the errors above)",

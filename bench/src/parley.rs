@@ -52,6 +52,16 @@ pub enum Route {
     Leader,
 }
 
+impl Route {
+    /// Where appends go, for the run's header line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Route::Any => "any node (which forwards to the leader)",
+            Route::Leader => "each group's leader",
+        }
+    }
+}
+
 /// One endpoint, reached by either RPC.
 #[derive(Clone)]
 struct ParleyEndpoint {
